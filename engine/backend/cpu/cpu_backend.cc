@@ -1,0 +1,509 @@
+#include "engine/backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <thread>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "engine/backend/cpu/kernels.h"
+#include "engine/backend/cpu/thread_pool.h"
+#include "engine/common/status_macros.h"
+
+namespace moe {
+namespace {
+
+float ElementAsFloat(const TensorView& view, int64_t index) {
+  switch (view.dtype) {
+    case DType::kBF16:
+      return Bf16ToFloat(reinterpret_cast<const uint16_t*>(view.data)[index]);
+    case DType::kF16:
+      return F16ToFloat(reinterpret_cast<const uint16_t*>(view.data)[index]);
+    case DType::kF32:
+      return reinterpret_cast<const float*>(view.data)[index];
+    default:
+      return 0.0f;
+  }
+}
+
+float Silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// Rows of an MLP input that belong to one expert (or all rows, for a dense MLP).
+struct ExpertGroup {
+  const MlpWeights* mlp;
+  int64_t first_row;  // in the gathered [rows, hidden] input
+  int64_t num_rows;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int32_t num_threads)
+      : pool_(num_threads > 0 ? num_threads
+                              : std::max(1, static_cast<int32_t>(std::thread::hardware_concurrency()))) {}
+
+  std::string name() const override { return "cpu"; }
+  std::string device_description() const override {
+    return absl::StrCat("CPU, ", pool_.num_threads(), " threads, SIMD ", cpu::SelectedTarget());
+  }
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    void* data = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));
+    if (data == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
+    }
+    return DeviceBuffer(data, bytes, [](void* p) { std::free(p); });
+  }
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+
+  absl::Status PrepareWeights(const ModelWeights& weights) override {
+    // f16 matrices are widened to f32 once; bf16 and f32 are used in place.
+    auto widen = [&](const TensorView* view) {
+      if (view == nullptr || view->dtype != DType::kF16 || widened_.contains(view)) return;
+      std::vector<float>& copy = widened_[view];
+      copy.resize(view->num_elements());
+      for (int64_t i = 0; i < view->num_elements(); ++i) copy[i] = ElementAsFloat(*view, i);
+    };
+    auto widen_mlp = [&](const MlpWeights& mlp) {
+      widen(mlp.gate);
+      widen(mlp.up);
+      widen(mlp.down);
+    };
+    widen(weights.embed_tokens);
+    widen(weights.lm_head);
+    for (const LayerWeights& layer : weights.layers) {
+      for (const TensorView* view : {layer.q, layer.k, layer.v, layer.o, layer.router,
+                                     layer.shared_expert_gate}) {
+        widen(view);
+      }
+      for (const MlpWeights& expert : layer.experts) widen_mlp(expert);
+      widen_mlp(layer.shared_expert);
+      widen_mlp(layer.dense_mlp);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AllocateKvCache(const KvCacheShape& shape) override {
+    kv_shape_ = shape;
+    const size_t layer_bytes = shape.layer_elements() * sizeof(float);
+    keys_.clear();
+    values_.clear();
+    for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
+      ASSIGN_OR_RETURN(DeviceBuffer keys, Allocate(layer_bytes));
+      ASSIGN_OR_RETURN(DeviceBuffer values, Allocate(layer_bytes));
+      keys_.push_back(std::move(keys));
+      values_.push_back(std::move(values));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status BeginStep(const ForwardBatch& batch) override {
+    const int64_t tokens = batch.num_tokens();
+    if (batch.positions.size() != static_cast<size_t>(tokens) ||
+        batch.slot_mapping.size() != static_cast<size_t>(tokens)) {
+      return absl::InvalidArgumentError("batch: token_ids, positions and slot_mapping differ in size");
+    }
+    const int64_t num_slots = int64_t{kv_shape_.num_blocks} * kv_shape_.block_size;
+    token_sequence_.assign(tokens, -1);
+    for (size_t s = 0; s < batch.sequences.size(); ++s) {
+      const SequenceChunk& chunk = batch.sequences[s];
+      if (chunk.token_begin < 0 || chunk.num_tokens < 0 ||
+          int64_t{chunk.token_begin} + chunk.num_tokens > tokens ||
+          chunk.context_len < chunk.num_tokens) {
+        return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", chunk.seq_id,
+                                                       " has an invalid token range"));
+      }
+      if (static_cast<int64_t>(chunk.block_table.size()) * kv_shape_.block_size <
+          chunk.context_len) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "batch: sequence ", chunk.seq_id, " block table too short for its context"));
+      }
+      for (int32_t block : chunk.block_table) {
+        if (block < 0 || block >= kv_shape_.num_blocks) {
+          return absl::InvalidArgumentError(absl::StrCat("batch: block id ", block,
+                                                         " outside the KV pool"));
+        }
+      }
+      for (int32_t t = chunk.token_begin; t < chunk.token_begin + chunk.num_tokens; ++t) {
+        const int32_t expected = chunk.context_len - chunk.num_tokens + (t - chunk.token_begin);
+        if (batch.positions[t] != expected) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "batch: token ", t, " has position ", batch.positions[t], ", expected ", expected));
+        }
+        token_sequence_[t] = static_cast<int32_t>(s);
+      }
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (token_sequence_[t] < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("batch: token ", t, " has no sequence"));
+      }
+      if (batch.slot_mapping[t] < 0 || batch.slot_mapping[t] >= num_slots) {
+        return absl::InvalidArgumentError(absl::StrCat("batch: KV slot ", batch.slot_mapping[t],
+                                                       " outside the KV pool"));
+      }
+    }
+    batch_ = &batch;
+    return absl::OkStatus();
+  }
+
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+  absl::Status Embed(const TensorView& table, Matrix out) override {
+    const int64_t vocab = table.shape[0];
+    const int64_t hidden = table.shape[1];
+    for (int64_t t = 0; t < out.rows; ++t) {
+      const int32_t id = batch_->token_ids[t];
+      if (id < 0 || id >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", id, " outside the vocabulary [0, ", vocab, ")"));
+      }
+      for (int64_t c = 0; c < hidden; ++c) out.row(t)[c] = ElementAsFloat(table, id * hidden + c);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(Matrix x, const TensorView& weight, float eps, Matrix out) override {
+    const int64_t n = x.cols;
+    for (int64_t r = 0; r < x.rows; ++r) {
+      const float* in = x.row(r);
+      float* dst = out.row(r);
+      const float mean_square = cpu::DotF32(in, in, n) / static_cast<float>(n);
+      const float inverse_rms = 1.0f / std::sqrt(mean_square + eps);
+      for (int64_t c = 0; c < n; ++c) dst[c] = ElementAsFloat(weight, c) * (in[c] * inverse_rms);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Linear(Matrix x, const TensorView& weight, const TensorView* bias,
+                      Matrix out) override {
+    const auto [data, type] = WeightData(weight);
+    pool_.ParallelFor(out.cols, 16, [&](int64_t begin, int64_t end) {
+      cpu::MatMulRows(x.data, x.stride, x.rows, data, type, x.cols, begin, end, out.data,
+                      out.stride);
+    });
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < out.rows; ++r) {
+        for (int64_t c = 0; c < out.cols; ++c) out.row(r)[c] += ElementAsFloat(*bias, c);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Clamp(Matrix x, float limit) override {
+    for (int64_t r = 0; r < x.rows; ++r) {
+      for (int64_t c = 0; c < x.cols; ++c) x.row(r)[c] = std::clamp(x.row(r)[c], -limit, limit);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Rope(Matrix x, int32_t head_dim, double theta) override {
+    // Hugging Face "rotate_half": dimension i pairs with i + head_dim / 2;
+    // inv_freq[i] = theta^(-2i / head_dim), computed in float32 as transformers does.
+    const int32_t half = head_dim / 2;
+    std::vector<float> inverse_frequency(half);
+    for (int32_t i = 0; i < half; ++i) {
+      inverse_frequency[i] = static_cast<float>(
+          1.0 / std::pow(theta, static_cast<double>(static_cast<float>(2 * i) / head_dim)));
+    }
+    const int64_t heads = x.cols / head_dim;
+    for (int64_t t = 0; t < x.rows; ++t) {
+      const float position = static_cast<float>(batch_->positions[t]);
+      for (int32_t i = 0; i < half; ++i) {
+        const float angle = position * inverse_frequency[i];
+        const float cos_angle = std::cos(angle), sin_angle = std::sin(angle);
+        for (int64_t h = 0; h < heads; ++h) {
+          float* head = x.row(t) + h * head_dim;
+          const float first = head[i], second = head[i + half];
+          head[i] = first * cos_angle - second * sin_angle;
+          head[i + half] = second * cos_angle + first * sin_angle;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status WriteKv(int32_t layer, Matrix k, Matrix v) override {
+    const int64_t kv_dim = int64_t{kv_shape_.num_kv_heads} * kv_shape_.head_dim;
+    float* keys = keys_[layer].as<float>();
+    float* values = values_[layer].as<float>();
+    for (int64_t t = 0; t < k.rows; ++t) {
+      const int64_t slot = batch_->slot_mapping[t];
+      std::memcpy(keys + slot * kv_dim, k.row(t), kv_dim * sizeof(float));
+      std::memcpy(values + slot * kv_dim, v.row(t), kv_dim * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Attention(const AttentionParams& params, Matrix q, Matrix out) override {
+    const int64_t kv_dim = int64_t{params.num_kv_heads} * params.head_dim;
+    const int32_t group = params.num_heads / params.num_kv_heads;
+    const int32_t block_size = kv_shape_.block_size;
+    const float* keys = keys_[params.layer].as<float>();
+    const float* values = values_[params.layer].as<float>();
+    pool_.ParallelFor(q.rows * params.num_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / params.num_heads;
+        const int32_t head = static_cast<int32_t>(item % params.num_heads);
+        const int32_t kv_head = head / group;
+        const SequenceChunk& chunk = batch_->sequences[token_sequence_[t]];
+        const int32_t position = batch_->positions[t];
+        const int32_t first = params.sliding_window > 0
+                                  ? std::max(0, position - params.sliding_window + 1)
+                                  : 0;
+        const float* query = q.row(t) + int64_t{head} * params.head_dim;
+        scores.resize(position - first + 1);
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int32_t p = first; p <= position; ++p) {
+          const int64_t slot =
+              int64_t{chunk.block_table[p / block_size]} * block_size + p % block_size;
+          const float score =
+              cpu::DotF32(query, keys + slot * kv_dim + int64_t{kv_head} * params.head_dim,
+                          params.head_dim) *
+              params.scale;
+          scores[p - first] = score;
+          max_score = std::max(max_score, score);
+        }
+        float total = 0.0f;
+        for (float& score : scores) {
+          score = std::exp(score - max_score);
+          total += score;
+        }
+        float* result = out.row(t) + int64_t{head} * params.head_dim;
+        std::fill(result, result + params.head_dim, 0.0f);
+        for (int32_t p = first; p <= position; ++p) {
+          const int64_t slot =
+              int64_t{chunk.block_table[p / block_size]} * block_size + p % block_size;
+          cpu::AxpyF32(scores[p - first] / total,
+                       values + slot * kv_dim + int64_t{kv_head} * params.head_dim, result,
+                       params.head_dim);
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Fill(Matrix x, float value) override {
+    for (int64_t r = 0; r < x.rows; ++r) std::fill(x.row(r), x.row(r) + x.cols, value);
+    return absl::OkStatus();
+  }
+
+  absl::Status AddInPlace(Matrix residual, Matrix x) override {
+    for (int64_t r = 0; r < residual.rows; ++r) {
+      cpu::AxpyF32(1.0f, x.row(r), residual.row(r), residual.cols);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SwigluMlp(Matrix x, const MlpWeights& mlp, Matrix out) override {
+    gathered_.resize(x.rows * x.cols);
+    for (int64_t r = 0; r < x.rows; ++r) {
+      std::memcpy(gathered_.data() + r * x.cols, x.row(r), x.cols * sizeof(float));
+    }
+    const ExpertGroup group{&mlp, 0, x.rows};
+    RunExpertGroups({&group, 1}, x.cols);
+    for (int64_t r = 0; r < x.rows; ++r) {
+      std::memcpy(out.row(r), expert_out_.data() + r * x.cols, x.cols * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Route(Matrix x, const TensorView& router, int32_t top_k, bool normalize_top_k,
+                     RoutingResult result, std::span<double> probability_mass,
+                     double* router_z_sum) override {
+    const int64_t experts = router.shape[0];
+    router_logits_.resize(x.rows * experts);
+    RETURN_IF_ERROR(Linear(x, router, nullptr, Matrix::Dense(router_logits_.data(), x.rows, experts)));
+    std::vector<float> probabilities(experts);
+    std::vector<int32_t> order(experts);
+    for (int64_t t = 0; t < x.rows; ++t) {
+      const float* logits = router_logits_.data() + t * experts;
+      const float max_logit = *std::max_element(logits, logits + experts);
+      float total = 0.0f;
+      for (int64_t e = 0; e < experts; ++e) {
+        probabilities[e] = std::exp(logits[e] - max_logit);
+        total += probabilities[e];
+      }
+      for (int64_t e = 0; e < experts; ++e) {
+        probabilities[e] /= total;
+        probability_mass[e] += probabilities[e];
+      }
+      const double log_sum_exp = max_logit + std::log(static_cast<double>(total));
+      *router_z_sum += log_sum_exp * log_sum_exp;
+      // Top-k by probability; ties go to the lower expert id.
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                        [&](int32_t a, int32_t b) {
+                          return probabilities[a] > probabilities[b] ||
+                                 (probabilities[a] == probabilities[b] && a < b);
+                        });
+      float chosen_total = 0.0f;
+      for (int32_t j = 0; j < top_k; ++j) chosen_total += probabilities[order[j]];
+      for (int32_t j = 0; j < top_k; ++j) {
+        result.expert_ids[t * top_k + j] = order[j];
+        result.expert_weights[t * top_k + j] =
+            normalize_top_k ? probabilities[order[j]] / chosen_total : probabilities[order[j]];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status MoeExperts(Matrix x, std::span<const MlpWeights> experts, int32_t top_k,
+                          RoutingResult routing, Matrix out) override {
+    // Counting sort of the (token, choice) pairs by expert, then one pass per touched expert.
+    const int64_t assignments = x.rows * top_k;
+    const int64_t num_experts = static_cast<int64_t>(experts.size());
+    std::vector<int64_t> offsets(num_experts + 1, 0);
+    for (int64_t a = 0; a < assignments; ++a) {
+      const int32_t expert = routing.expert_ids[a];
+      if (expert < 0 || expert >= num_experts) {
+        return absl::InternalError(absl::StrCat("router chose expert ", expert, " of ", num_experts));
+      }
+      ++offsets[expert + 1];
+    }
+    std::partial_sum(offsets.begin(), offsets.end(), offsets.begin());
+    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+    std::vector<int64_t> row_of_assignment(assignments);
+    gathered_.resize(assignments * x.cols);
+    for (int64_t a = 0; a < assignments; ++a) {
+      const int64_t row = cursor[routing.expert_ids[a]]++;
+      row_of_assignment[a] = row;
+      std::memcpy(gathered_.data() + row * x.cols, x.row(a / top_k), x.cols * sizeof(float));
+    }
+    std::vector<ExpertGroup> groups;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (offsets[e + 1] > offsets[e]) {
+        groups.push_back({&experts[e], offsets[e], offsets[e + 1] - offsets[e]});
+      }
+    }
+    RunExpertGroups(groups, x.cols);
+    // Weighted combine, in choice order for every token.
+    for (int64_t t = 0; t < x.rows; ++t) {
+      for (int32_t j = 0; j < top_k; ++j) {
+        const int64_t a = t * top_k + j;
+        cpu::AxpyF32(routing.expert_weights[a], expert_out_.data() + row_of_assignment[a] * x.cols,
+                     out.row(t), x.cols);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AddGated(Matrix x, const TensorView& gate, Matrix shared, Matrix out) override {
+    std::vector<float> gate_logit(x.rows);
+    RETURN_IF_ERROR(Linear(x, gate, nullptr, Matrix::Dense(gate_logit.data(), x.rows, 1)));
+    for (int64_t t = 0; t < x.rows; ++t) {
+      const float scale = 1.0f / (1.0f + std::exp(-gate_logit[t]));
+      cpu::AxpyF32(scale, shared.row(t), out.row(t), out.cols);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status GatherRows(Matrix x, std::span<const int32_t> rows, Matrix out) override {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i] < 0 || rows[i] >= x.rows) {
+        return absl::InvalidArgumentError(absl::StrCat("logits row ", rows[i], " outside the batch"));
+      }
+      std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::pair<const void*, DType> WeightData(const TensorView& view) const {
+    if (const auto it = widened_.find(&view); it != widened_.end()) {
+      return {it->second.data(), DType::kF32};
+    }
+    return {view.data, view.dtype};
+  }
+
+  // For every group: expert_out_[rows] = down(silu(gate(x)) * up(x)) of gathered_[rows].
+  // Both phases split the rows of all groups' weight matrices across threads in one loop, so
+  // every touched expert's weights are read exactly once and there are two barriers in all.
+  void RunExpertGroups(std::span<const ExpertGroup> groups, int64_t hidden) {
+    if (groups.empty()) return;
+    const int64_t total_rows = groups.back().first_row + groups.back().num_rows;
+    int64_t max_ffn = 0;
+    std::vector<int64_t> ffn_begin(groups.size() + 1, 0), hidden_begin(groups.size() + 1, 0);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const int64_t ffn = groups[g].mlp->gate->shape[0];
+      max_ffn = std::max(max_ffn, ffn);
+      ffn_begin[g + 1] = ffn_begin[g] + ffn;
+      hidden_begin[g + 1] = hidden_begin[g] + hidden;
+    }
+    // activation_: [total_rows, max_ffn]; up_: same.
+    activation_.resize(total_rows * max_ffn);
+    up_.resize(total_rows * max_ffn);
+    expert_out_.resize(total_rows * hidden);
+
+    // Runs body(group, local_begin, local_end) over the pieces of [begin, end) of a flattened
+    // index space whose group g spans [starts[g], starts[g + 1]).
+    auto for_each_piece = [&](const std::vector<int64_t>& starts, int64_t begin, int64_t end,
+                              auto&& body) {
+      size_t g = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+      for (; g < groups.size() && starts[g] < end; ++g) {
+        const int64_t lo = std::max(begin, starts[g]) - starts[g];
+        const int64_t hi = std::min(end, starts[g + 1]) - starts[g];
+        if (lo < hi) body(groups[g], lo, hi);
+      }
+    };
+
+    pool_.ParallelFor(ffn_begin.back(), 16, [&](int64_t begin, int64_t end) {
+      for_each_piece(ffn_begin, begin, end, [&](const ExpertGroup& group, int64_t lo, int64_t hi) {
+        const float* x = gathered_.data() + group.first_row * hidden;
+        float* gate_out = activation_.data() + group.first_row * max_ffn;
+        float* up_out = up_.data() + group.first_row * max_ffn;
+        const auto [gate, gate_type] = WeightData(*group.mlp->gate);
+        const auto [up, up_type] = WeightData(*group.mlp->up);
+        cpu::MatMulRows(x, hidden, group.num_rows, gate, gate_type, hidden, lo, hi, gate_out,
+                        max_ffn);
+        cpu::MatMulRows(x, hidden, group.num_rows, up, up_type, hidden, lo, hi, up_out, max_ffn);
+        for (int64_t r = 0; r < group.num_rows; ++r) {
+          for (int64_t c = lo; c < hi; ++c) {
+            gate_out[r * max_ffn + c] = Silu(gate_out[r * max_ffn + c]) * up_out[r * max_ffn + c];
+          }
+        }
+      });
+    });
+    pool_.ParallelFor(hidden_begin.back(), 16, [&](int64_t begin, int64_t end) {
+      for_each_piece(hidden_begin, begin, end,
+                     [&](const ExpertGroup& group, int64_t lo, int64_t hi) {
+                       const int64_t ffn = group.mlp->down->shape[1];
+                       const auto [down, down_type] = WeightData(*group.mlp->down);
+                       cpu::MatMulRows(activation_.data() + group.first_row * max_ffn, max_ffn,
+                                       group.num_rows, down, down_type, ffn, lo, hi,
+                                       expert_out_.data() + group.first_row * hidden, hidden);
+                     });
+    });
+  }
+
+  cpu::ThreadPool pool_;
+  absl::flat_hash_map<const TensorView*, std::vector<float>> widened_;
+  KvCacheShape kv_shape_;
+  std::vector<DeviceBuffer> keys_, values_;  // per layer: [blocks, block_size, kv_heads, head_dim]
+  const ForwardBatch* batch_ = nullptr;
+  std::vector<int32_t> token_sequence_;  // [tokens] index into batch_->sequences
+  // Scratch.
+  std::vector<float> router_logits_;  // [tokens, experts]
+  std::vector<float> gathered_;       // [assignments, hidden] inputs grouped by expert
+  std::vector<float> activation_;     // [assignments, ffn] silu(gate) * up
+  std::vector<float> up_;             // [assignments, ffn]
+  std::vector<float> expert_out_;     // [assignments, hidden]
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> CreateCpuBackend(int32_t num_threads) {
+  return std::make_unique<CpuBackend>(num_threads);
+}
+
+}  // namespace moe

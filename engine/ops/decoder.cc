@@ -1,0 +1,219 @@
+// The decoder forward pass, written once against the Backend interface, and the ModelRunner
+// that owns a loaded model, its backend and the KV pool.
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend/backend.h"
+#include "engine/common/status_macros.h"
+#include "engine/model/loaded_model.h"
+#include "engine/ops/model_runner.h"
+
+namespace moe {
+namespace {
+
+// Activation buffers of one step, grown on demand (never shrunk).
+struct Activations {
+  int64_t capacity_tokens = 0;
+  int64_t capacity_logits = 0;
+  DeviceBuffer hidden;      // [tokens, hidden] residual stream
+  DeviceBuffer normed;      // [tokens, hidden]
+  DeviceBuffer q;           // [tokens, q_dim]
+  DeviceBuffer k;           // [tokens, kv_dim]
+  DeviceBuffer v;           // [tokens, kv_dim]
+  DeviceBuffer attention;   // [tokens, q_dim]
+  DeviceBuffer mlp_out;     // [tokens, hidden]
+  DeviceBuffer shared_out;  // [tokens, hidden]
+  DeviceBuffer expert_ids;      // [tokens, top_k] int32
+  DeviceBuffer expert_weights;  // [tokens, top_k]
+  DeviceBuffer last_hidden;     // [logit rows, hidden]
+  DeviceBuffer logits;          // [logit rows, vocab]
+};
+
+class DecoderRunner final : public ModelRunner {
+ public:
+  DecoderRunner(std::unique_ptr<LoadedModel> model, std::unique_ptr<Backend> backend,
+                KvCacheShape kv_shape)
+      : model_(std::move(model)), backend_(std::move(backend)), kv_shape_(kv_shape) {}
+
+  const ModelConfig& config() const override { return model_->config; }
+  int32_t block_size() const override { return kv_shape_.block_size; }
+  int32_t num_blocks() const override { return kv_shape_.num_blocks; }
+  const ParameterCounts& parameters() const override { return model_->weights.parameters; }
+  std::string backend_description() const override {
+    return absl::StrCat(backend_->name(), " (", backend_->device_description(), ")");
+  }
+
+  absl::StatusOr<ForwardOutput> Forward(const ForwardBatch& batch) override {
+    const ModelConfig& config = model_->config;
+    const ModelWeights& weights = model_->weights;
+    const int64_t tokens = batch.num_tokens();
+    const int64_t logit_rows = static_cast<int64_t>(batch.logits_rows.size());
+    if (tokens == 0) return absl::InvalidArgumentError("batch has no tokens");
+    RETURN_IF_ERROR(Reserve(tokens, logit_rows));
+    RETURN_IF_ERROR(backend_->BeginStep(batch));
+
+    const int64_t hidden_size = config.hidden_size;
+    auto matrix = [&](const DeviceBuffer& buffer, int64_t rows, int64_t cols) {
+      return Matrix::Dense(buffer.as<float>(), rows, cols);
+    };
+    const Matrix hidden = matrix(act_.hidden, tokens, hidden_size);
+    const Matrix normed = matrix(act_.normed, tokens, hidden_size);
+    const Matrix q = matrix(act_.q, tokens, config.q_dim());
+    const Matrix k = matrix(act_.k, tokens, config.kv_dim());
+    const Matrix v = matrix(act_.v, tokens, config.kv_dim());
+    const Matrix attention = matrix(act_.attention, tokens, config.q_dim());
+    const Matrix mlp_out = matrix(act_.mlp_out, tokens, hidden_size);
+    const Matrix shared_out = matrix(act_.shared_out, tokens, hidden_size);
+    const RoutingResult routing{act_.expert_ids.as<int32_t>(), act_.expert_weights.as<float>()};
+
+    ForwardOutput output;
+    StepRouting& record = output.routing;
+    AttentionParams attention_params{.num_heads = config.num_heads,
+                                     .num_kv_heads = config.num_kv_heads,
+                                     .head_dim = config.head_dim,
+                                     .scale = 1.0f / std::sqrt(static_cast<float>(config.head_dim)),
+                                     .sliding_window = config.sliding_window};
+
+    RETURN_IF_ERROR(backend_->Embed(*weights.embed_tokens, hidden));
+    for (int32_t index = 0; index < config.num_layers; ++index) {
+      const LayerWeights& layer = weights.layers[index];
+      // Attention block.
+      RETURN_IF_ERROR(backend_->RmsNorm(hidden, *layer.input_norm, config.rms_norm_eps, normed));
+      RETURN_IF_ERROR(backend_->Linear(normed, *layer.q, layer.q_bias, q));
+      RETURN_IF_ERROR(backend_->Linear(normed, *layer.k, layer.k_bias, k));
+      RETURN_IF_ERROR(backend_->Linear(normed, *layer.v, layer.v_bias, v));
+      if (config.qk_norm == QkNorm::kPerHead) {
+        // q: [tokens * heads, head_dim], k: [tokens * kv_heads, head_dim]
+        const Matrix q_heads = matrix(act_.q, tokens * config.num_heads, config.head_dim);
+        const Matrix k_heads = matrix(act_.k, tokens * config.num_kv_heads, config.head_dim);
+        RETURN_IF_ERROR(backend_->RmsNorm(q_heads, *layer.q_norm, config.rms_norm_eps, q_heads));
+        RETURN_IF_ERROR(backend_->RmsNorm(k_heads, *layer.k_norm, config.rms_norm_eps, k_heads));
+      } else if (config.qk_norm == QkNorm::kWholeProjection) {
+        RETURN_IF_ERROR(backend_->RmsNorm(q, *layer.q_norm, config.rms_norm_eps, q));
+        RETURN_IF_ERROR(backend_->RmsNorm(k, *layer.k_norm, config.rms_norm_eps, k));
+      }
+      if (config.clip_qkv > 0) {
+        for (const Matrix& projection : {q, k, v}) {
+          RETURN_IF_ERROR(backend_->Clamp(projection, config.clip_qkv));
+        }
+      }
+      RETURN_IF_ERROR(backend_->Rope(q, config.head_dim, config.rope_theta));
+      RETURN_IF_ERROR(backend_->Rope(k, config.head_dim, config.rope_theta));
+      RETURN_IF_ERROR(backend_->WriteKv(index, k, v));
+      attention_params.layer = index;
+      RETURN_IF_ERROR(backend_->Attention(attention_params, q, attention));
+      RETURN_IF_ERROR(backend_->Linear(attention, *layer.o, layer.o_bias, mlp_out));
+      RETURN_IF_ERROR(backend_->AddInPlace(hidden, mlp_out));
+
+      // Feed-forward block: routed experts (+ shared expert) or a dense MLP.
+      RETURN_IF_ERROR(
+          backend_->RmsNorm(hidden, *layer.post_attention_norm, config.rms_norm_eps, normed));
+      if (layer.is_moe) {
+        std::vector<double>& mass = record.probability_mass.emplace_back(config.num_experts, 0.0);
+        double& z_sum = record.router_z_sum.emplace_back(0.0);
+        RETURN_IF_ERROR(backend_->Route(normed, *layer.router, config.top_k,
+                                        config.norm_topk_prob, routing, mass, &z_sum));
+        RETURN_IF_ERROR(backend_->Fill(mlp_out, 0.0f));
+        RETURN_IF_ERROR(
+            backend_->MoeExperts(normed, layer.experts, config.top_k, routing, mlp_out));
+        if (layer.shared_expert_gate != nullptr) {
+          RETURN_IF_ERROR(backend_->SwigluMlp(normed, layer.shared_expert, shared_out));
+          RETURN_IF_ERROR(
+              backend_->AddGated(normed, *layer.shared_expert_gate, shared_out, mlp_out));
+        }
+        RETURN_IF_ERROR(RecordRouting(tokens, routing, record));
+      } else {
+        RETURN_IF_ERROR(backend_->SwigluMlp(normed, layer.dense_mlp, mlp_out));
+      }
+      RETURN_IF_ERROR(backend_->AddInPlace(hidden, mlp_out));
+    }
+
+    if (logit_rows > 0) {
+      const Matrix last_hidden = matrix(act_.last_hidden, logit_rows, hidden_size);
+      const Matrix logits = matrix(act_.logits, logit_rows, config.vocab_size);
+      RETURN_IF_ERROR(backend_->GatherRows(hidden, batch.logits_rows, last_hidden));
+      RETURN_IF_ERROR(
+          backend_->RmsNorm(last_hidden, *weights.final_norm, config.rms_norm_eps, last_hidden));
+      RETURN_IF_ERROR(backend_->Linear(last_hidden, *weights.lm_head, nullptr, logits));
+      output.logits.resize(logit_rows * config.vocab_size);
+      RETURN_IF_ERROR(backend_->Synchronize());
+      RETURN_IF_ERROR(backend_->CopyToHost(output.logits.data(), logits.data,
+                                           output.logits.size() * sizeof(float)));
+    }
+    RETURN_IF_ERROR(backend_->Synchronize());
+    return output;
+  }
+
+ private:
+  absl::Status RecordRouting(int64_t tokens, const RoutingResult& routing, StepRouting& record) {
+    const int64_t count = tokens * model_->config.top_k;
+    std::vector<int32_t>& ids = record.expert_ids.emplace_back(count);
+    std::vector<float>& weights = record.expert_weights.emplace_back(count);
+    RETURN_IF_ERROR(backend_->Synchronize());
+    RETURN_IF_ERROR(backend_->CopyToHost(ids.data(), routing.expert_ids, count * sizeof(int32_t)));
+    return backend_->CopyToHost(weights.data(), routing.expert_weights, count * sizeof(float));
+  }
+
+  absl::Status Reserve(int64_t tokens, int64_t logit_rows) {
+    const ModelConfig& config = model_->config;
+    auto grow = [&](DeviceBuffer& buffer, int64_t elements) -> absl::Status {
+      ASSIGN_OR_RETURN(buffer, backend_->Allocate(elements * sizeof(float)));
+      return absl::OkStatus();
+    };
+    if (tokens > act_.capacity_tokens) {
+      const int64_t capacity = std::max<int64_t>(tokens, 2 * act_.capacity_tokens);
+      RETURN_IF_ERROR(grow(act_.hidden, capacity * config.hidden_size));
+      RETURN_IF_ERROR(grow(act_.normed, capacity * config.hidden_size));
+      RETURN_IF_ERROR(grow(act_.q, capacity * config.q_dim()));
+      RETURN_IF_ERROR(grow(act_.k, capacity * config.kv_dim()));
+      RETURN_IF_ERROR(grow(act_.v, capacity * config.kv_dim()));
+      RETURN_IF_ERROR(grow(act_.attention, capacity * config.q_dim()));
+      RETURN_IF_ERROR(grow(act_.mlp_out, capacity * config.hidden_size));
+      RETURN_IF_ERROR(grow(act_.shared_out, capacity * config.hidden_size));
+      RETURN_IF_ERROR(grow(act_.expert_ids, capacity * std::max(1, config.top_k)));
+      RETURN_IF_ERROR(grow(act_.expert_weights, capacity * std::max(1, config.top_k)));
+      act_.capacity_tokens = capacity;
+    }
+    if (logit_rows > act_.capacity_logits) {
+      const int64_t capacity = std::max<int64_t>(logit_rows, 2 * act_.capacity_logits);
+      RETURN_IF_ERROR(grow(act_.last_hidden, capacity * config.hidden_size));
+      RETURN_IF_ERROR(grow(act_.logits, capacity * config.vocab_size));
+      act_.capacity_logits = capacity;
+    }
+    return absl::OkStatus();
+  }
+
+  std::unique_ptr<LoadedModel> model_;
+  std::unique_ptr<Backend> backend_;
+  KvCacheShape kv_shape_;
+  Activations act_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelRunnerOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<LoadedModel> model, LoadModel(options.model_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                   CreateBackend(options.backend, options.num_threads));
+  RETURN_IF_ERROR(backend->PrepareWeights(model->weights));
+  if (options.block_size <= 0 || options.block_size > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block size ", options.block_size, " must be in [1, 1024]"));
+  }
+  KvCacheShape kv_shape{.num_layers = model->config.num_layers,
+                        .block_size = options.block_size,
+                        .num_kv_heads = model->config.num_kv_heads,
+                        .head_dim = model->config.head_dim};
+  const int64_t blocks = options.kv_cache_bytes / kv_shape.bytes_per_block();
+  if (blocks < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV cache budget of ", options.kv_cache_bytes, " bytes holds no block; one block of ",
+        options.block_size, " tokens needs ", kv_shape.bytes_per_block(), " bytes"));
+  }
+  kv_shape.num_blocks = static_cast<int32_t>(std::min<int64_t>(blocks, 1 << 24));
+  RETURN_IF_ERROR(backend->AllocateKvCache(kv_shape));
+  return std::unique_ptr<ModelRunner>(
+      new DecoderRunner(std::move(model), std::move(backend), kv_shape));
+}
+
+}  // namespace moe

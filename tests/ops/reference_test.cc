@@ -1,0 +1,177 @@
+// The forward pass against Hugging Face transformers: tiny random checkpoints of every
+// architecture (tests/fixtures/models, made by tests/reference/make_model_fixtures.py).
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "engine/model/safetensors.h"
+#include "engine/ops/model_runner.h"
+#include "engine/ops/offline_batch.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe {
+namespace {
+
+constexpr int kPrompts = 3;
+constexpr int kGreedyTokens = 16;
+constexpr double kMaxRelativeError = 1e-4;
+
+std::string FixtureDir(const std::string& name) {
+  return std::string(MOE_SOURCE_DIR) + "/tests/fixtures/models/" + name;
+}
+
+// ||a - b|| / ||b||
+double RelativeError(std::span<const float> actual, std::span<const float> expected) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    diff += (actual[i] - expected[i]) * double(actual[i] - expected[i]);
+    norm += expected[i] * double(expected[i]);
+  }
+  return std::sqrt(diff / norm);
+}
+
+class Reference {
+ public:
+  explicit Reference(const std::string& model) {
+    auto store = TensorStore::OpenFile(FixtureDir(model) + "/reference.safetensors");
+    EXPECT_TRUE(store.ok()) << store.status();
+    store_ = std::move(store).value();
+  }
+  std::vector<int32_t> Ints(const std::string& name) const {
+    auto view = store_.Get(name, DType::kI32);
+    EXPECT_TRUE(view.ok()) << view.status();
+    const auto* data = reinterpret_cast<const int32_t*>((*view)->data);
+    return {data, data + (*view)->num_elements()};
+  }
+  std::vector<float> Floats(const std::string& name) const {
+    auto view = store_.Get(name, DType::kF32);
+    EXPECT_TRUE(view.ok()) << view.status();
+    const auto* data = reinterpret_cast<const float*>((*view)->data);
+    return {data, data + (*view)->num_elements()};
+  }
+
+ private:
+  TensorStore store_;
+};
+
+class ReferenceTest : public testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    ModelRunnerOptions options;
+    options.model_dir = FixtureDir(GetParam());
+    options.kv_cache_bytes = 16 << 20;
+    options.num_threads = 2;
+    auto runner = ModelRunner::Create(options);
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    runner_ = std::move(runner).value();
+    vocab_ = runner_->config().vocab_size;
+  }
+
+  std::span<const float> Row(const std::vector<float>& logits, int row) const {
+    return std::span<const float>(logits).subspan(row * vocab_, vocab_);
+  }
+
+  std::unique_ptr<ModelRunner> runner_;
+  int vocab_ = 0;
+};
+
+// Every prompt position's logits, each prompt alone in a batch.
+TEST_P(ReferenceTest, PromptLogitsMatchTransformers) {
+  Reference reference(GetParam());
+  for (int p = 0; p < kPrompts; ++p) {
+    const std::vector<int32_t> prompt = reference.Ints("prompt." + std::to_string(p));
+    const std::vector<float> expected = reference.Floats("logits." + std::to_string(p));
+    OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
+    const int32_t seq = batcher.AddSequence(prompt.size()).value();
+    ForwardBatch batch;
+    ASSERT_TRUE(batcher.Append(batch, seq, prompt, false).ok());
+    for (int32_t row = 0; row < batch.num_tokens(); ++row) batch.logits_rows.push_back(row);
+    auto output = runner_->Forward(batch);
+    ASSERT_TRUE(output.ok()) << output.status();
+    ASSERT_EQ(output->logits.size(), expected.size());
+    EXPECT_LE(RelativeError(output->logits, expected), kMaxRelativeError) << "prompt " << p;
+  }
+}
+
+// The router's choices equal transformers' for every token and MoE layer.
+TEST_P(ReferenceTest, RoutingMatchesTransformers) {
+  Reference reference(GetParam());
+  const ModelConfig& config = runner_->config();
+  const std::vector<int32_t> prompt = reference.Ints("prompt.0");
+  OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
+  ForwardBatch batch;
+  ASSERT_TRUE(batcher.Append(batch, batcher.AddSequence(prompt.size()).value(), prompt, true).ok());
+  auto output = runner_->Forward(batch);
+  ASSERT_TRUE(output.ok()) << output.status();
+  int moe_index = 0;
+  for (int layer = 0; layer < config.num_layers; ++layer) {
+    if (!config.layer_is_moe[layer]) continue;
+    const std::vector<int32_t> expected =
+        reference.Ints("routing.0.layer" + std::to_string(layer));
+    EXPECT_THAT(output->routing.expert_ids[moe_index], testing::ElementsAreArray(expected))
+        << "layer " << layer;
+    ++moe_index;
+  }
+  EXPECT_EQ(moe_index, config.num_moe_layers());
+}
+
+// 16 greedy tokens: prefill, then one decode step per token through the KV cache.
+TEST_P(ReferenceTest, GreedyDecodeMatchesTransformers) {
+  Reference reference(GetParam());
+  for (int p = 0; p < kPrompts; ++p) {
+    const std::vector<int32_t> prompt = reference.Ints("prompt." + std::to_string(p));
+    const std::vector<int32_t> expected = reference.Ints("greedy." + std::to_string(p));
+    const std::vector<float> expected_logits =
+        reference.Floats("greedy_logits." + std::to_string(p));
+    OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
+    const int32_t seq = batcher.AddSequence(prompt.size() + kGreedyTokens).value();
+    std::vector<int32_t> generated;
+    std::vector<int32_t> next = prompt;
+    for (int step = 0; step < kGreedyTokens; ++step) {
+      ForwardBatch batch;
+      ASSERT_TRUE(batcher.Append(batch, seq, next, true).ok());
+      auto output = runner_->Forward(batch);
+      ASSERT_TRUE(output.ok()) << output.status();
+      EXPECT_LE(RelativeError(output->logits, Row(expected_logits, step)), kMaxRelativeError)
+          << "prompt " << p << " step " << step;
+      generated.push_back(ArgMax(output->logits));
+      next = {generated.back()};
+    }
+    EXPECT_THAT(generated, testing::ElementsAreArray(expected)) << "prompt " << p;
+  }
+}
+
+// All prompts packed in one batch, then decoded together: the same tokens and logits (to the
+// bit) as each prompt alone.
+TEST_P(ReferenceTest, PackedBatchEqualsSingleSequences) {
+  Reference reference(GetParam());
+  OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
+  std::vector<std::vector<int32_t>> next(kPrompts);
+  std::vector<std::vector<int32_t>> generated(kPrompts);
+  for (int p = 0; p < kPrompts; ++p) {
+    next[p] = reference.Ints("prompt." + std::to_string(p));
+    ASSERT_EQ(batcher.AddSequence(next[p].size() + kGreedyTokens).value(), p);
+  }
+  for (int step = 0; step < kGreedyTokens; ++step) {
+    ForwardBatch batch;
+    for (int p = 0; p < kPrompts; ++p) ASSERT_TRUE(batcher.Append(batch, p, next[p], true).ok());
+    auto output = runner_->Forward(batch);
+    ASSERT_TRUE(output.ok()) << output.status();
+    for (int p = 0; p < kPrompts; ++p) {
+      const std::vector<float> expected = reference.Floats("greedy_logits." + std::to_string(p));
+      EXPECT_LE(RelativeError(Row(output->logits, p), Row(expected, step)), kMaxRelativeError);
+      generated[p].push_back(ArgMax(Row(output->logits, p)));
+      next[p] = {generated[p].back()};
+    }
+  }
+  for (int p = 0; p < kPrompts; ++p) {
+    EXPECT_THAT(generated[p], testing::ElementsAreArray(reference.Ints("greedy." + std::to_string(p))));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllArchitectures, ReferenceTest,
+                         testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+
+}  // namespace
+}  // namespace moe
