@@ -133,6 +133,13 @@ void RefuseUnsupported(const Json& json, const ModelConfig& config, FieldReader&
                                "' is not supported; supported: silu"));
     }
   }
+  if (const auto it = json.find("partial_rotary_factor");
+      it != json.end() && !(it->is_number() && it->get<double>() == 1.0)) {
+    reader.Fail("partial_rotary_factor other than 1 is not supported; supported: 1 (full RoPE)");
+  }
+  if (const auto it = json.find("quantization_config"); it != json.end() && !it->is_null()) {
+    reader.Fail("quantization_config is not supported; supported: unquantized bf16, f16, f32");
+  }
   if (config.architecture != Architecture::kMixtral && reader.Bool("use_sliding_window", false)) {
     reader.Fail("use_sliding_window=true is not supported for this architecture; supported: false");
   }
@@ -174,11 +181,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
   config.num_heads = reader.Int("num_attention_heads");
   config.num_kv_heads = reader.Int("num_key_value_heads", config.num_heads);
   config.max_position_embeddings = reader.Int("max_position_embeddings", 4096);
-  config.rms_norm_eps = static_cast<float>(reader.Number("rms_norm_eps", 1e-6));
-  config.rope_theta = reader.Number("rope_theta", 10000.0);
+  // Defaults as transformers 4.57 fills them in when a field is absent.
+  const bool is_mixtral = config.architecture == Architecture::kMixtral;
+  const bool is_qwen = config.architecture == Architecture::kQwen2Moe ||
+                       config.architecture == Architecture::kQwen3Moe;
+  config.rms_norm_eps = static_cast<float>(reader.Number("rms_norm_eps", is_qwen ? 1e-6 : 1e-5));
+  config.rope_theta = reader.Number("rope_theta", is_mixtral ? 1e6 : 1e4);
   config.tie_word_embeddings = reader.Bool("tie_word_embeddings", false);
   if (config.num_heads > 0) {
-    config.head_dim = reader.Int("head_dim", config.hidden_size / config.num_heads);
+    // Qwen2-MoE and OLMoE always use hidden / heads; Mixtral and Qwen3-MoE honour head_dim.
+    const int32_t derived = config.hidden_size / config.num_heads;
+    config.head_dim = (is_mixtral || config.architecture == Architecture::kQwen3Moe)
+                          ? reader.Int("head_dim", derived)
+                          : derived;
   }
   const std::vector<int32_t> bos = reader.IntList("bos_token_id");
   config.bos_token_id = bos.empty() ? -1 : bos.front();
@@ -211,6 +226,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
       config.intermediate_size = reader.Int("intermediate_size", 0);
       config.norm_topk_prob = reader.Bool("norm_topk_prob", false);
       decoder_sparse_step = reader.Int("decoder_sparse_step", 1);
+      if (decoder_sparse_step < 1) reader.Fail("decoder_sparse_step must be at least 1");
       mlp_only_layers = reader.IntList("mlp_only_layers");
       if (config.architecture == Architecture::kQwen2Moe) {
         config.qkv_bias = reader.Bool("qkv_bias", true);  // Qwen2 always has q/k/v biases
@@ -233,9 +249,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
     for (int32_t layer = 0; layer < config.num_layers; ++layer) {
       const bool mlp_only = std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) !=
                             mlp_only_layers.end();
-      config.layer_is_moe[layer] = !mlp_only && config.num_experts > 0 &&
-                                   decoder_sparse_step > 0 &&
-                                   (layer + 1) % decoder_sparse_step == 0;
+      config.layer_is_moe[layer] =
+          !mlp_only && config.num_experts > 0 && (layer + 1) % decoder_sparse_step == 0;
     }
   }
 
