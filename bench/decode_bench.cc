@@ -130,6 +130,7 @@ int Run() {
                "|---|---|---|---|---|\n";
 
   const int32_t prompt_length = 32;
+  constexpr int32_t kWarmupSteps = 2;
   const int32_t steps = absl::GetFlag(FLAGS_steps);
   for (absl::string_view piece : absl::StrSplit(absl::GetFlag(FLAGS_sequences), ',')) {
     int32_t sequences = 0;
@@ -138,7 +139,7 @@ int Run() {
     std::vector<int32_t> next(sequences);
     ForwardBatch prefill;
     for (int32_t s = 0; s < sequences; ++s) {
-      batcher.AddSequence(prompt_length + steps + 1).value();
+      batcher.AddSequence(prompt_length + steps + kWarmupSteps + 1).value();
       std::vector<int32_t> prompt(prompt_length);
       for (int32_t i = 0; i < prompt_length; ++i) prompt[i] = (s * 7919 + i * 104729) % config.vocab_size;
       batcher.Append(prefill, s, prompt, true).IgnoreError();
@@ -149,12 +150,12 @@ int Run() {
     }
     double seconds = 0;
     double bytes_read = 0;
-    for (int32_t step = 0; step < steps; ++step) {
+    for (int32_t step = -kWarmupSteps; step < steps; ++step) {
       ForwardBatch batch;
       for (int32_t s = 0; s < sequences; ++s) batcher.Append(batch, s, {&next[s], 1}, true).IgnoreError();
       const auto start = Clock::now();
       auto result = (*runner)->Forward(batch);
-      seconds += Seconds(start);
+      const double step_seconds = Seconds(start);
       if (!result.ok()) {
         std::cerr << result.status().message() << "\n";
         return 1;
@@ -162,6 +163,8 @@ int Run() {
       for (int32_t s = 0; s < sequences; ++s) {
         next[s] = ArgMax(std::span<const float>(result->logits).subspan(s * config.vocab_size, config.vocab_size));
       }
+      if (step < 0) continue;  // warm-up
+      seconds += step_seconds;
       // Weights actually read: distinct experts per layer from the routing record.
       double step_bytes = weight_bytes.always_read;
       for (const std::vector<int32_t>& ids : result->routing.expert_ids) {
