@@ -4,6 +4,7 @@
 #include "engine/backend/cpu/cpu_backend.h"
 
 #ifdef MOE_HAVE_CUDA
+#include "engine/backend/cuda/cuda_backend.h"
 #include "engine/backend/cuda/cuda_device.h"
 #endif
 
@@ -11,16 +12,21 @@ namespace moe {
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
                                                        int32_t num_threads) {
-  if (name == "cpu" || name == "auto") {
-    // The CUDA backend's kernels are not in this build yet, so "auto" means the CPU.
+  if (name == "cpu") return CreateCpuBackend(num_threads);
+  if (name == "auto") {
+#ifdef MOE_HAVE_CUDA
+    // The GPU when one is visible (device_description() then starts with "auto: GPU found").
+    if (cuda::VisibleDeviceCount() > 0) {
+      cuda::CudaBackendOptions options = cuda::CudaBackendOptionsFromEnv();
+      options.selected_by_auto = true;
+      return cuda::CreateCudaBackend(options);
+    }
+#endif
     return CreateCpuBackend(num_threads);
   }
   if (name == "cuda") {
 #ifdef MOE_HAVE_CUDA
-    const int devices = cuda::VisibleDeviceCount();
-    return absl::UnimplementedError(absl::StrCat(
-        "--backend=cuda: this build has the CUDA toolchain (", devices,
-        " GPU(s) visible) but no CUDA forward pass yet; supported backends: cpu, auto"));
+    return cuda::CreateCudaBackend(cuda::CudaBackendOptionsFromEnv());
 #else
     return absl::UnimplementedError(
         "--backend=cuda: this build has no CUDA support (nvcc was not found at build time); "

@@ -1,5 +1,6 @@
 // The forward pass against Hugging Face transformers: tiny random checkpoints of every
-// architecture (tests/fixtures/models, made by tests/reference/make_model_fixtures.py).
+// architecture (tests/fixtures/models, made by tests/reference/make_model_fixtures.py), on
+// every backend of the build (CUDA runs skip where no GPU is visible).
 #include <cmath>
 #include <string>
 #include <vector>
@@ -9,60 +10,35 @@
 #include "engine/ops/offline_batch.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/reference_data.h"
 
 namespace moe {
 namespace {
+
+using testing_util::FixtureDir;
+using testing_util::RelativeError;
+using Reference = testing_util::ReferenceData;
 
 constexpr int kPrompts = 3;
 constexpr int kGreedyTokens = 16;
 constexpr double kMaxRelativeError = 1e-4;
 
-std::string FixtureDir(const std::string& name) {
-  return std::string(MOE_SOURCE_DIR) + "/tests/fixtures/models/" + name;
-}
-
-// ||a - b|| / ||b||
-double RelativeError(std::span<const float> actual, std::span<const float> expected) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    diff += (actual[i] - expected[i]) * double(actual[i] - expected[i]);
-    norm += expected[i] * double(expected[i]);
-  }
-  return std::sqrt(diff / norm);
-}
-
-class Reference {
- public:
-  explicit Reference(const std::string& model) {
-    auto store = TensorStore::OpenFile(FixtureDir(model) + "/reference.safetensors");
-    EXPECT_TRUE(store.ok()) << store.status();
-    store_ = std::move(store).value();
-  }
-  std::vector<int32_t> Ints(const std::string& name) const {
-    auto view = store_.Get(name, DType::kI32);
-    EXPECT_TRUE(view.ok()) << view.status();
-    const auto* data = reinterpret_cast<const int32_t*>((*view)->data);
-    return {data, data + (*view)->num_elements()};
-  }
-  std::vector<float> Floats(const std::string& name) const {
-    auto view = store_.Get(name, DType::kF32);
-    EXPECT_TRUE(view.ok()) << view.status();
-    const auto* data = reinterpret_cast<const float*>((*view)->data);
-    return {data, data + (*view)->num_elements()};
-  }
-
- private:
-  TensorStore store_;
-};
-
-class ReferenceTest : public testing::TestWithParam<std::string> {
+// Parameter: (fixture model, backend).
+class ReferenceTest : public testing::TestWithParam<std::tuple<std::string, std::string>> {
  protected:
+  const std::string& model() const { return std::get<0>(GetParam()); }
+
   void SetUp() override {
     ModelRunnerOptions options;
-    options.model_dir = FixtureDir(GetParam());
+    options.model_dir = FixtureDir(model());
+    options.backend = std::get<1>(GetParam());
     options.kv_cache_bytes = 16 << 20;
     options.num_threads = 2;
     auto runner = ModelRunner::Create(options);
+    if (options.backend != "cpu" &&
+        (absl::IsFailedPrecondition(runner.status()) || absl::IsUnimplemented(runner.status()))) {
+      GTEST_SKIP() << runner.status();  // no GPU here, or a build without CUDA
+    }
     ASSERT_TRUE(runner.ok()) << runner.status();
     runner_ = std::move(runner).value();
     vocab_ = runner_->config().vocab_size;
@@ -78,7 +54,7 @@ class ReferenceTest : public testing::TestWithParam<std::string> {
 
 // Every prompt position's logits, each prompt alone in a batch.
 TEST_P(ReferenceTest, PromptLogitsMatchTransformers) {
-  Reference reference(GetParam());
+  Reference reference(model());
   for (int p = 0; p < kPrompts; ++p) {
     const std::vector<int32_t> prompt = reference.Ints("prompt." + std::to_string(p));
     const std::vector<float> expected = reference.Floats("logits." + std::to_string(p));
@@ -96,7 +72,7 @@ TEST_P(ReferenceTest, PromptLogitsMatchTransformers) {
 
 // The router's choices equal transformers' for every token and MoE layer.
 TEST_P(ReferenceTest, RoutingMatchesTransformers) {
-  Reference reference(GetParam());
+  Reference reference(model());
   const ModelConfig& config = runner_->config();
   const std::vector<int32_t> prompt = reference.Ints("prompt.0");
   OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
@@ -118,7 +94,7 @@ TEST_P(ReferenceTest, RoutingMatchesTransformers) {
 
 // 16 greedy tokens: prefill, then one decode step per token through the KV cache.
 TEST_P(ReferenceTest, GreedyDecodeMatchesTransformers) {
-  Reference reference(GetParam());
+  Reference reference(model());
   for (int p = 0; p < kPrompts; ++p) {
     const std::vector<int32_t> prompt = reference.Ints("prompt." + std::to_string(p));
     const std::vector<int32_t> expected = reference.Ints("greedy." + std::to_string(p));
@@ -145,7 +121,7 @@ TEST_P(ReferenceTest, GreedyDecodeMatchesTransformers) {
 // All prompts packed in one batch, then decoded together: the same tokens and logits (to the
 // bit) as each prompt alone.
 TEST_P(ReferenceTest, PackedBatchEqualsSingleSequences) {
-  Reference reference(GetParam());
+  Reference reference(model());
   OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
   std::vector<std::vector<int32_t>> next(kPrompts);
   std::vector<std::vector<int32_t>> generated(kPrompts);
@@ -171,7 +147,12 @@ TEST_P(ReferenceTest, PackedBatchEqualsSingleSequences) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllArchitectures, ReferenceTest,
-                         testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+                         testing::Combine(testing::Values("mixtral", "qwen2_moe", "qwen3_moe",
+                                                          "olmoe"),
+                                          testing::Values("cpu", "cuda")),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" + std::get<1>(info.param);
+                         });
 
 }  // namespace
 }  // namespace moe

@@ -98,9 +98,9 @@ class PinnedBuffer {
     const cudaError_t error = cudaHostAlloc(&data, bytes, cudaHostAllocDefault);
     if (error != cudaSuccess) {
       cudaGetLastError();
-      return absl::ResourceExhaustedError(absl::StrCat("cuda: cannot allocate ", bytes,
-                                                       " bytes of pinned host memory: ",
-                                                       cudaGetErrorString(error)));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cuda: cannot allocate ", bytes,
+                       " bytes of pinned host memory: ", cudaGetErrorString(error)));
     }
     return PinnedBuffer(data, bytes);
   }

@@ -1,0 +1,728 @@
+// End-to-end tests of moe-serve in process: the real MoeServer (gRPC callback service, health,
+// reflection) around the real Engine on the demo model, called over loopback TCP with real
+// gRPC clients. No mocks.
+#include <atomic>
+#include <functional>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/unknown_field_set.h"
+#include "grpcpp/impl/rpc_method.h"
+#include "grpcpp/support/sync_stream.h"
+#include "gtest/gtest.h"
+#include "tests/server/server_test_util.h"
+
+namespace moe::server::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using HealthStatus = grpc::health::v1::HealthCheckResponse;
+
+class DemoModelEnvironment : public ::testing::Environment {
+ public:
+  void TearDown() override { RemoveDemoModel(); }
+};
+[[maybe_unused]] ::testing::Environment* const kDemoEnvironment =
+    ::testing::AddGlobalTestEnvironment(new DemoModelEnvironment);
+
+std::vector<int32_t> Prompt(int32_t seed, int32_t length) {
+  std::vector<int32_t> prompt;
+  for (int32_t i = 0; i < length; ++i) prompt.push_back((seed * 131 + i * 17 + 5) % 2000 + 100);
+  return prompt;
+}
+
+// The engine has released every sequence and KV block.
+bool EngineIdle(Engine& engine) {
+  const EngineStats stats = engine.Stats();
+  return stats.requests_finished == stats.requests_submitted && stats.num_running == 0 &&
+         stats.num_waiting == 0 && stats.num_queued == 0 && stats.kv_used_blocks == 0 &&
+         stats.kv_free_blocks == stats.kv_total_blocks;
+}
+
+TEST(ServerTest, StreamedGreedyEqualsOfflineGreedy) {
+  auto s = TestServer::Start(TestOptions());
+  OfflineGreedy offline;
+  const std::vector<int32_t> prompt = Prompt(1, 12);
+  const StreamResult result = RunGenerate(*s->stub, GreedyRequest(prompt, 40));
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.tokens, offline.Generate(prompt, 40));
+  EXPECT_EQ(result.last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  const v1::Usage& usage = result.last.usage();
+  EXPECT_EQ(usage.prompt_tokens(), 12);
+  EXPECT_EQ(usage.completion_tokens(), 40);
+  EXPECT_EQ(usage.cached_prompt_tokens(), 0);
+  const int64_t active = s->server->model_info().parameters().active_per_token();
+  EXPECT_GT(active, 0);
+  EXPECT_EQ(usage.active_parameters_per_token(), active);
+  EXPECT_EQ(usage.active_parameters_used(), active * (12 + 40));
+  // Text: the streamed deltas concatenate to the tokenizer's decoding of the tokens.
+  auto tokenizer = Tokenizer::FromFile(TokenizerFixture());
+  ASSERT_TRUE(tokenizer.ok());
+  absl::StatusOr<std::string> text = (*tokenizer)->Decode(result.tokens, true);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(result.text, *text);
+  for (const v1::GenerateResponse& r : result.responses) {
+    EXPECT_FALSE(r.request_id().empty());
+    if (&r != &result.responses.back()) {
+      EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_UNSPECIFIED);
+    }
+  }
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+TEST(ServerTest, ThirtyTwoConcurrentStreamsAllEqualOffline) {
+  ServerOptions options = TestOptions();
+  auto s = TestServer::Start(options);
+  OfflineGreedy offline;
+  constexpr int kStreams = 32;
+  std::vector<StreamResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = RunGenerate(*s->stub, GreedyRequest(Prompt(i, 5 + i % 7), 12 + i % 5));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, offline.Generate(Prompt(i, 5 + i % 7), 12 + i % 5)) << i;
+  }
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+TEST(ServerTest, TextPromptEqualsItsTokenIds) {
+  auto s = TestServer::Start(TestOptions());
+  const std::string prompt = "The quick brown fox jumps over the lazy dog.";
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text(prompt);
+  v1::TokenizeResponse tokens;
+  grpc::ClientContext context;
+  ASSERT_TRUE(s->stub->Tokenize(&context, tokenize, &tokens).ok());
+  ASSERT_GT(tokens.token_ids_size(), 0);
+
+  v1::GenerateRequest by_text = GreedyRequest({}, 20);
+  by_text.set_text(prompt);
+  const StreamResult a = RunGenerate(*s->stub, by_text);
+  const StreamResult b = RunGenerate(
+      *s->stub, GreedyRequest({tokens.token_ids().begin(), tokens.token_ids().end()}, 20));
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_EQ(a.text, b.text);
+  EXPECT_EQ(a.last.usage().prompt_tokens(), tokens.token_ids_size());
+  // The second identical prompt found its full blocks in the prefix cache (block size 16).
+  EXPECT_EQ(b.last.usage().cached_prompt_tokens(), (tokens.token_ids_size() - 1) / 16 * 16);
+}
+
+TEST(ServerTest, TokenizeAndDetokenizeMatchTheTokenizer) {
+  auto s = TestServer::Start(TestOptions());
+  auto tokenizer = Tokenizer::FromFile(TokenizerFixture());
+  ASSERT_TRUE(tokenizer.ok());
+  const std::string text = "Hello world! Grüße, 世界 🙂 code: x = f(y) + 1;";
+  v1::TokenizeRequest request;
+  request.set_text(text);
+  request.set_return_pieces(true);
+  v1::TokenizeResponse response;
+  grpc::ClientContext c1;
+  ASSERT_TRUE(s->stub->Tokenize(&c1, request, &response).ok());
+  absl::StatusOr<std::vector<int32_t>> expected = (*tokenizer)->Encode(text);
+  ASSERT_TRUE(expected.ok());
+  EXPECT_EQ(std::vector<int32_t>(response.token_ids().begin(), response.token_ids().end()),
+            *expected);
+  ASSERT_EQ(response.pieces_size(), response.token_ids_size());
+  EXPECT_EQ(response.pieces(0), (*tokenizer)->IdToToken(response.token_ids(0)).value_or("?"));
+
+  v1::DetokenizeRequest detokenize;
+  *detokenize.mutable_token_ids() = response.token_ids();
+  v1::DetokenizeResponse decoded;
+  grpc::ClientContext c2;
+  ASSERT_TRUE(s->stub->Detokenize(&c2, detokenize, &decoded).ok());
+  EXPECT_EQ(decoded.text(), text);
+
+  detokenize.add_token_ids(1 << 20);
+  grpc::ClientContext c3;
+  const grpc::Status bad = s->stub->Detokenize(&c3, detokenize, &decoded);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.error_message(), HasSubstr("token_ids["));
+
+  v1::TokenizeRequest invalid;
+  invalid.set_text(std::string("ab\xff", 3));
+  grpc::ClientContext c4;
+  const grpc::Status bad_utf8 = s->stub->Tokenize(&c4, invalid, &response);
+  EXPECT_EQ(bad_utf8.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad_utf8.error_message(), HasSubstr("UTF-8 at byte 2"));
+}
+
+TEST(ServerTest, ModelInfoDescribesTheLoadedModel) {
+  auto s = TestServer::Start(TestOptions());
+  OfflineGreedy offline;
+  const ModelConfig& config = offline.runner().config();
+  const ParameterCounts& params = offline.runner().parameters();
+  v1::ModelInfo info;
+  grpc::ClientContext context;
+  ASSERT_TRUE(s->stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.architecture(), "mixtral");
+  EXPECT_EQ(info.architecture_class(), "MixtralForCausalLM");
+  EXPECT_EQ(info.num_layers(), config.num_layers);
+  EXPECT_EQ(info.num_moe_layers(), config.num_moe_layers());
+  EXPECT_EQ(info.moe_layer_indices_size(), config.num_moe_layers());
+  EXPECT_EQ(info.num_experts(), 8);
+  EXPECT_EQ(info.top_k(), 2);
+  EXPECT_EQ(info.num_shared_experts(), 0);
+  EXPECT_EQ(info.vocab_size(), config.vocab_size);
+  EXPECT_EQ(info.parameters().total(), params.total);
+  EXPECT_EQ(info.parameters().active_per_token(), params.active_per_token);
+  EXPECT_EQ(info.parameters().routed_expert(), params.routed_expert);
+  EXPECT_EQ(info.parameters().non_expert(), params.non_expert);
+  EXPECT_LT(info.parameters().active_per_token(), info.parameters().total());
+  EXPECT_EQ(info.dtype(), "bfloat16");
+  EXPECT_EQ(info.backend(), "cpu");
+  EXPECT_THAT(info.device(), HasSubstr("cpu"));
+  EXPECT_EQ(info.context_length(), config.max_position_embeddings);
+  EXPECT_EQ(info.max_prompt_tokens(), config.max_position_embeddings - 1);
+  EXPECT_EQ(info.kv_total_blocks(), s->server->engine()->Stats().kv_total_blocks);
+  EXPECT_EQ(info.kv_capacity_tokens(),
+            static_cast<int64_t>(info.kv_total_blocks()) * info.kv_block_size());
+  EXPECT_TRUE(info.has_tokenizer());
+}
+
+TEST(ServerTest, ExpertStatsCountEveryRoutedToken) {
+  ServerOptions options = TestOptions();
+  options.expert_stats_window_steps = 20;  // buckets of 2 steps
+  auto s = TestServer::Start(options);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      ASSERT_TRUE(RunGenerate(*s->stub, GreedyRequest(Prompt(i, 9), 15)).status.ok());
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  const EngineStats engine = s->server->engine()->Stats();
+
+  v1::ExpertStats stats;
+  grpc::ClientContext context;
+  ASSERT_TRUE(s->stub->GetExpertStats(&context, v1::GetExpertStatsRequest(), &stats).ok());
+  EXPECT_EQ(stats.num_experts(), 8);
+  EXPECT_EQ(stats.top_k(), 2);
+  const v1::LoadSpan& all = stats.since_start();
+  EXPECT_EQ(all.steps(), engine.steps);
+  EXPECT_EQ(all.tokens(), engine.scheduled_tokens);
+  // 4 requests: 9 prompt tokens + 14 decode inputs each (the last token is never computed).
+  EXPECT_EQ(all.tokens(), 4 * (9 + 14));
+  ASSERT_EQ(all.layers_size(), s->server->model_info().num_moe_layers());
+  for (const v1::LayerLoad& layer : all.layers()) {
+    EXPECT_EQ(layer.tokens(), all.tokens());
+    int64_t sum = 0;
+    for (int64_t c : layer.expert_counts()) sum += c;
+    EXPECT_EQ(sum, all.tokens() * stats.top_k()) << "layer " << layer.layer();
+    ASSERT_EQ(layer.expert_counts_size(), 8);
+    ASSERT_EQ(layer.mean_router_probability_size(), 8);
+    double p = 0;
+    for (double x : layer.mean_router_probability()) p += x;
+    EXPECT_NEAR(p, 1.0, 1e-3);  // softmax probabilities average to a distribution
+    EXPECT_GE(layer.max_load_ratio(), 1.0);
+    EXPECT_LE(layer.max_load_ratio(), 8.0);
+    EXPECT_GT(layer.entropy_ratio(), 0.0);
+    EXPECT_LE(layer.entropy_ratio(), 1.0 + 1e-9);
+    EXPECT_GT(layer.switch_balance(), 0.0);
+    EXPECT_GT(layer.router_z(), 0.0);
+    EXPECT_EQ(layer.hottest_experts_size(), 3);
+    int dead = 0;
+    for (int64_t c : layer.expert_counts()) dead += c == 0;
+    EXPECT_EQ(layer.dead_experts(), dead);
+  }
+  // The window covers the most recent steps only, and sums the same way.
+  const v1::LoadSpan& window = stats.window();
+  EXPECT_EQ(stats.window_steps(), 20);
+  EXPECT_LE(window.steps(), all.steps());
+  EXPECT_LE(window.steps(), 20 + 2);
+  if (all.steps() >= 20) {
+    EXPECT_GE(window.steps(), 20);
+  }
+  for (const v1::LayerLoad& layer : window.layers()) {
+    int64_t sum = 0;
+    for (int64_t c : layer.expert_counts()) sum += c;
+    EXPECT_EQ(sum, window.tokens() * stats.top_k());
+  }
+}
+
+TEST(ServerTest, PerTokenRoutingAndLogprobs) {
+  auto s = TestServer::Start(TestOptions());
+  v1::GenerateRequest request = GreedyRequest(Prompt(3, 6), 8);
+  request.set_logprobs(3);
+  request.set_return_routing(true);
+  const StreamResult result = RunGenerate(*s->stub, request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  int logprobs = 0;
+  std::vector<int32_t> positions;
+  for (const v1::GenerateResponse& r : result.responses) {
+    ASSERT_EQ(r.logprobs_size(), r.token_ids_size());
+    for (int i = 0; i < r.logprobs_size(); ++i) {
+      EXPECT_EQ(r.logprobs(i).chosen().token_id(), r.token_ids(i));
+      ASSERT_EQ(r.logprobs(i).top_size(), 3);
+      // Greedy: the chosen token is the most likely one.
+      EXPECT_EQ(r.logprobs(i).top(0).token_id(), r.token_ids(i));
+      EXPECT_LE(r.logprobs(i).chosen().logprob(), 0.0f);
+      ++logprobs;
+    }
+    for (const v1::TokenRouting& t : r.routing()) {
+      positions.push_back(t.position());
+      ASSERT_EQ(t.layers_size(), 4);
+      for (const v1::LayerRouting& l : t.layers()) {
+        ASSERT_EQ(l.expert_ids_size(), 2);
+        ASSERT_EQ(l.weights_size(), 2);
+        EXPECT_NE(l.expert_ids(0), l.expert_ids(1));
+        EXPECT_NEAR(l.weights(0) + l.weights(1), 1.0f, 1e-4);  // Mixtral renormalises
+      }
+    }
+  }
+  EXPECT_EQ(logprobs, 8);
+  // Generated tokens but the last are computed: positions 6..12 (prompt routing not asked).
+  std::vector<int32_t> expected;
+  for (int32_t p = 6; p < 6 + 7; ++p) expected.push_back(p);
+  EXPECT_EQ(positions, expected);
+
+  request.set_return_prompt_routing(true);
+  const StreamResult with_prompt = RunGenerate(*s->stub, request);
+  ASSERT_TRUE(with_prompt.status.ok());
+  int routed = 0;
+  for (const auto& r : with_prompt.responses) routed += r.routing_size();
+  EXPECT_EQ(routed, 6 + 7);
+}
+
+TEST(ServerTest, StopStringEndsTheStreamWithoutIt) {
+  auto s = TestServer::Start(TestOptions());
+  // Find text the model will produce, then stop on a piece of it.
+  const StreamResult free_run = RunGenerate(*s->stub, GreedyRequest(Prompt(5, 8), 30));
+  ASSERT_TRUE(free_run.status.ok());
+  ASSERT_GE(free_run.text.size(), 12u);
+  const std::string stop = free_run.text.substr(8, 3);
+  v1::GenerateRequest request = GreedyRequest(Prompt(5, 8), 30);
+  request.mutable_stop()->add_stop_strings(stop);
+  const StreamResult stopped = RunGenerate(*s->stub, request);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.last.finish_reason(), v1::FINISH_REASON_STOP_STRING);
+  EXPECT_EQ(stopped.last.matched_stop_string(), stop);
+  EXPECT_EQ(stopped.text, free_run.text.substr(0, free_run.text.find(stop)));
+}
+
+// ---- Validation: one case per invalid field ------------------------------------------------
+
+struct InvalidCase {
+  std::string name;
+  std::function<void(v1::GenerateRequest&)> mutate;
+  grpc::StatusCode code;
+  std::vector<std::string> message_parts;  // the field, the value, what is allowed
+};
+
+void PrintTo(const InvalidCase& c, std::ostream* os) { *os << c.name; }
+
+class InvalidFieldTest : public ::testing::TestWithParam<InvalidCase> {
+ protected:
+  static void SetUpTestSuite() {
+    ServerOptions options = TestOptions();
+    options.max_prompt_tokens = 64;
+    server_ = TestServer::Start(options).release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  static TestServer* server_;
+};
+TestServer* InvalidFieldTest::server_ = nullptr;
+
+TEST_P(InvalidFieldTest, IsRefusedWithAMessageNamingTheField) {
+  const InvalidCase& c = GetParam();
+  v1::GenerateRequest request = GreedyRequest({10, 11, 12}, 4);
+  c.mutate(request);
+  const StreamResult result = RunGenerate(*server_->stub, request);
+  EXPECT_EQ(result.status.error_code(), c.code) << result.status.error_message();
+  for (const std::string& part : c.message_parts) {
+    EXPECT_THAT(result.status.error_message(), HasSubstr(part));
+  }
+  EXPECT_TRUE(result.responses.empty());
+}
+
+const grpc::StatusCode kInvalid = grpc::StatusCode::INVALID_ARGUMENT;
+
+INSTANTIATE_TEST_SUITE_P(
+    Fields, InvalidFieldTest,
+    ::testing::Values(
+        InvalidCase{"NoPrompt",
+                    [](auto& r) { r.clear_prompt(); },
+                    kInvalid,
+                    {"prompt", "text", "token_ids"}},
+        InvalidCase{"EmptyText", [](auto& r) { r.set_text(""); }, kInvalid, {"text", "empty"}},
+        InvalidCase{"EmptyTokenIds",
+                    [](auto& r) { r.mutable_token_ids()->clear_ids(); },
+                    kInvalid,
+                    {"token_ids.ids", "empty"}},
+        InvalidCase{"UnknownTokenId",
+                    [](auto& r) { r.mutable_token_ids()->set_ids(1, 999999); },
+                    kInvalid,
+                    {"token_ids.ids[1]", "999999", "[0, 2505)"}},
+        InvalidCase{"NegativeTokenId",
+                    [](auto& r) { r.mutable_token_ids()->set_ids(0, -1); },
+                    kInvalid,
+                    {"token_ids.ids[0]", "-1"}},
+        InvalidCase{"InvalidUtf8",
+                    [](auto& r) { r.set_text(std::string("ok \xc3\x28", 5)); },
+                    kInvalid,
+                    {"text", "UTF-8", "byte 3"}},
+        InvalidCase{"PromptTooLong",
+                    [](auto& r) {
+                      for (int i = 0; i < 100; ++i) r.mutable_token_ids()->add_ids(7);
+                    },
+                    kInvalid,
+                    {"prompt", "103 tokens", "max_prompt_tokens = 64"}},
+        InvalidCase{"NegativeTemperature",
+                    [](auto& r) { r.mutable_sampling()->set_temperature(-0.5f); },
+                    kInvalid,
+                    {"sampling.temperature", "-0.5", ">= 0"}},
+        InvalidCase{"NanTemperature",
+                    [](auto& r) { r.mutable_sampling()->set_temperature(NAN); },
+                    kInvalid,
+                    {"sampling.temperature", "finite"}},
+        InvalidCase{"TopPZero",
+                    [](auto& r) { r.mutable_sampling()->set_top_p(0.0f); },
+                    kInvalid,
+                    {"sampling.top_p", "0", "(0, 1]"}},
+        InvalidCase{"TopPAboveOne",
+                    [](auto& r) { r.mutable_sampling()->set_top_p(1.5f); },
+                    kInvalid,
+                    {"sampling.top_p", "1.5", "(0, 1]"}},
+        InvalidCase{"NegativeTopK",
+                    [](auto& r) { r.mutable_sampling()->set_top_k(-1); },
+                    kInvalid,
+                    {"sampling.top_k", "-1", "[0, 2505]"}},
+        InvalidCase{"MinPAboveOne",
+                    [](auto& r) { r.mutable_sampling()->set_min_p(2.0f); },
+                    kInvalid,
+                    {"sampling.min_p", "2", "[0, 1]"}},
+        InvalidCase{"ZeroRepetitionPenalty",
+                    [](auto& r) { r.mutable_sampling()->set_repetition_penalty(0.0f); },
+                    kInvalid,
+                    {"sampling.repetition_penalty", "> 0"}},
+        InvalidCase{"PresencePenalty",
+                    [](auto& r) { r.mutable_sampling()->set_presence_penalty(3.0f); },
+                    kInvalid,
+                    {"sampling.presence_penalty", "3", "[-2, 2]"}},
+        InvalidCase{"FrequencyPenalty",
+                    [](auto& r) { r.mutable_sampling()->set_frequency_penalty(-2.5f); },
+                    kInvalid,
+                    {"sampling.frequency_penalty", "-2.5", "[-2, 2]"}},
+        InvalidCase{"ZeroMaxTokens",
+                    [](auto& r) { r.mutable_stop()->set_max_tokens(0); },
+                    kInvalid,
+                    {"stop.max_tokens", "0", "[1, 4093]"}},
+        InvalidCase{"MaxTokensBeyondContext",
+                    [](auto& r) { r.mutable_stop()->set_max_tokens(5000); },
+                    kInvalid,
+                    {"stop.max_tokens", "5000", "[1, 4093]", "context length"}},
+        InvalidCase{"MinTokensAboveMax",
+                    [](auto& r) { r.mutable_stop()->set_min_tokens(5); },
+                    kInvalid,
+                    {"stop.min_tokens", "5", "[0, max_tokens = 4]"}},
+        InvalidCase{"StopTokenId",
+                    [](auto& r) { r.mutable_stop()->add_stop_token_ids(-3); },
+                    kInvalid,
+                    {"stop.stop_token_ids[0]", "-3", "[0, 2505)"}},
+        InvalidCase{"TooManyStopStrings",
+                    [](auto& r) {
+                      for (int i = 0; i < 17; ++i) r.mutable_stop()->add_stop_strings("x");
+                    },
+                    kInvalid,
+                    {"stop.stop_strings", "17", "at most 16"}},
+        InvalidCase{"EmptyStopString",
+                    [](auto& r) { r.mutable_stop()->add_stop_strings(""); },
+                    kInvalid,
+                    {"stop.stop_strings[0]", "empty"}},
+        InvalidCase{"LongStopString",
+                    [](auto& r) { r.mutable_stop()->add_stop_strings(std::string(300, 'a')); },
+                    kInvalid,
+                    {"stop.stop_strings[0]", "300 bytes", "at most 256"}},
+        InvalidCase{"StopStringInvalidUtf8",
+                    [](auto& r) { r.mutable_stop()->add_stop_strings("\xff"); },
+                    kInvalid,
+                    {"stop.stop_strings[0]", "UTF-8"}},
+        InvalidCase{"Logprobs",
+                    [](auto& r) { r.set_logprobs(21); },
+                    kInvalid,
+                    {"logprobs", "21", "[0, 20]"}},
+        InvalidCase{"PromptRoutingWithoutRouting",
+                    [](auto& r) { r.set_return_prompt_routing(true); },
+                    kInvalid,
+                    {"return_prompt_routing", "return_routing"}},
+        InvalidCase{"Priority",
+                    [](auto& r) { r.set_priority(5000); },
+                    kInvalid,
+                    {"priority", "5000", "[-1000, 1000]"}},
+        InvalidCase{"RequestIdTooLong",
+                    [](auto& r) { r.set_request_id(std::string(200, 'r')); },
+                    kInvalid,
+                    {"request_id", "200 bytes", "at most 128"}},
+        InvalidCase{"RequestIdNotPrintable",
+                    [](auto& r) { r.set_request_id("a b"); },
+                    kInvalid,
+                    {"request_id", "byte 1", "printable"}}),
+    [](const ::testing::TestParamInfo<InvalidCase>& info) { return info.param.name; });
+
+// ---- Deadlines, cancellation, overload -------------------------------------------------------
+
+TEST(ServerTest, DeadlineEndsTheRequestAndFreesItsBlocks) {
+  auto s = TestServer::Start(TestOptions());
+  const StreamResult result =
+      RunGenerate(*s->stub, GreedyRequest(Prompt(2, 10), 4000), absl::Milliseconds(300));
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+      << result.status.error_message();
+  EXPECT_LT(result.tokens.size(), 4000u);
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  const EngineStats stats = s->server->engine()->Stats();
+  EXPECT_EQ(stats.requests_finished, 1);
+  EXPECT_EQ(stats.finished_by_reason.contains(FinishReason::kLength), false);
+}
+
+TEST(ServerTest, ClientCancelCancelsInTheEngineAndFreesBlocks) {
+  auto s = TestServer::Start(TestOptions());
+  grpc::ClientContext context;
+  auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(4, 20), 4000));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));  // running: it holds KV blocks now
+  EXPECT_TRUE(WaitFor([&] { return s->server->engine()->Stats().kv_used_blocks > 0; }));
+  context.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  const EngineStats stats = s->server->engine()->Stats();
+  ASSERT_TRUE(stats.finished_by_reason.contains(FinishReason::kCancelled));
+  EXPECT_EQ(stats.finished_by_reason.at(FinishReason::kCancelled), 1);
+  EXPECT_EQ(stats.requests_finished, 1);
+}
+
+TEST(ServerTest, SlowReaderDoesNotStallTheEngine) {
+  auto s = TestServer::Start(TestOptions());
+  grpc::ClientContext context;
+  auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(6, 5), 300));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  std::vector<int32_t> tokens(response.token_ids().begin(), response.token_ids().end());
+  // The client reads nothing more; the engine still finishes the whole request.
+  ASSERT_TRUE(WaitFor([&] { return s->server->engine()->Stats().requests_finished == 1; }));
+  int responses = 1;
+  while (reader->Read(&response)) {
+    tokens.insert(tokens.end(), response.token_ids().begin(), response.token_ids().end());
+    ++responses;
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  OfflineGreedy offline;
+  EXPECT_EQ(tokens, offline.Generate(Prompt(6, 5), 300));
+  EXPECT_LT(responses, 300);  // coalesced while the reader was away
+}
+
+TEST(ServerTest, OverloadIsResourceExhausted) {
+  ServerOptions options = TestOptions();
+  options.max_num_seqs = 1;
+  options.max_queued_requests = 1;
+  auto s = TestServer::Start(options);
+  // A: running (it streamed a token). B: waiting behind it (max_num_seqs = 1).
+  grpc::ClientContext a_context;
+  auto a = s->stub->Generate(&a_context, GreedyRequest(Prompt(7, 5), 4000));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(a->Read(&response));
+  grpc::ClientContext b_context;
+  auto b = s->stub->Generate(&b_context, GreedyRequest(Prompt(8, 5), 10));
+  ASSERT_TRUE(WaitFor([&] { return s->server->engine()->Stats().requests_submitted == 2; }));
+  // C: the queue (1) is full.
+  const StreamResult c = RunGenerate(*s->stub, GreedyRequest(Prompt(9, 5), 10));
+  EXPECT_EQ(c.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << c.status.error_message();
+  EXPECT_THAT(c.status.error_message(), HasSubstr("overloaded"));
+  EXPECT_EQ(s->server->engine()->Stats().requests_overloaded, 1);
+  a_context.TryCancel();
+  while (a->Read(&response)) {
+  }
+  EXPECT_EQ(a->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // B then runs to completion.
+  std::vector<int32_t> b_tokens;
+  while (b->Read(&response)) {
+    b_tokens.insert(b_tokens.end(), response.token_ids().begin(), response.token_ids().end());
+  }
+  EXPECT_TRUE(b->Finish().ok());
+  EXPECT_EQ(b_tokens.size(), 10u);
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+// ---- Health, reflection, drain ----------------------------------------------------------------
+
+TEST(ServerTest, HealthIsNotServingWhileLoadingThenServing) {
+  auto s = TestServer::Start(TestOptions(), /*load=*/false);
+  EXPECT_EQ(s->Health(), HealthStatus::NOT_SERVING);
+  EXPECT_EQ(s->Health(kServiceName), HealthStatus::NOT_SERVING);
+  const StreamResult early = RunGenerate(*s->stub, GreedyRequest({1, 2}, 2));
+  EXPECT_EQ(early.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(early.status.error_message(), HasSubstr("loading"));
+  ASSERT_TRUE(s->server->LoadModel().ok());
+  EXPECT_EQ(s->Health(), HealthStatus::SERVING);
+  EXPECT_EQ(s->Health(kServiceName), HealthStatus::SERVING);
+  EXPECT_TRUE(RunGenerate(*s->stub, GreedyRequest({1, 2}, 2)).status.ok());
+}
+
+// Sends one ServerReflectionRequest (raw protobuf bytes) and returns the raw response.
+std::string Reflect(const std::shared_ptr<grpc::Channel>& channel, const std::string& request) {
+  grpc::ClientContext context;
+  const grpc::internal::RpcMethod method(
+      "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+      grpc::internal::RpcMethod::BIDI_STREAMING);
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel.get(), method, &context));
+  grpc::Slice slice(request);
+  grpc::ByteBuffer out(&slice, 1);
+  EXPECT_TRUE(stream->Write(out));
+  stream->WritesDone();
+  grpc::ByteBuffer in;
+  std::string response;
+  if (stream->Read(&in)) {
+    std::vector<grpc::Slice> slices;
+    EXPECT_TRUE(in.Dump(&slices).ok());
+    for (const grpc::Slice& s : slices) {
+      response.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
+  }
+  while (stream->Read(&in)) {
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  return response;
+}
+
+// Length-delimited field `field` with `value`.
+std::string Field(int field, const std::string& value) {
+  std::string out;
+  out.push_back(static_cast<char>(field << 3 | 2));
+  out.push_back(static_cast<char>(value.size()));  // < 128 here
+  return out + value;
+}
+
+TEST(ServerTest, ReflectionListsAndDescribesTheService) {
+  auto s = TestServer::Start(TestOptions());
+  // ServerReflectionRequest.list_services (field 7) = "".
+  google::protobuf::UnknownFieldSet response;
+  ASSERT_TRUE(response.ParseFromString(Reflect(s->channel, Field(7, ""))));
+  std::vector<std::string> services;
+  for (int i = 0; i < response.field_count(); ++i) {
+    if (response.field(i).number() != 6) continue;  // list_services_response
+    google::protobuf::UnknownFieldSet list;
+    ASSERT_TRUE(list.ParseFromString(response.field(i).length_delimited()));
+    for (int j = 0; j < list.field_count(); ++j) {
+      google::protobuf::UnknownFieldSet service;
+      ASSERT_TRUE(service.ParseFromString(list.field(j).length_delimited()));
+      services.push_back(service.field(0).length_delimited());
+    }
+  }
+  EXPECT_THAT(services, ::testing::Contains("moe.serving.v1.Inference"));
+  EXPECT_THAT(services, ::testing::Contains("grpc.health.v1.Health"));
+  // file_containing_symbol (field 4): the descriptor that generic tools need.
+  const std::string described = Reflect(s->channel, Field(4, "moe.serving.v1.Inference"));
+  EXPECT_THAT(described, HasSubstr("moe/serving/v1/inference.proto"));
+  EXPECT_THAT(described, HasSubstr("GenerateResponse"));
+}
+
+TEST(ServerTest, DrainFinishesInFlightAndRefusesNew) {
+  auto s = TestServer::Start(TestOptions());
+  grpc::ClientContext context;
+  auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(10, 5), 600));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  int64_t tokens = response.token_ids_size();
+  std::thread drain([&] { s->server->Drain(); });
+  ASSERT_TRUE(WaitFor([&] { return s->Health() == HealthStatus::NOT_SERVING; }));
+  EXPECT_EQ(s->Health(kServiceName), HealthStatus::NOT_SERVING);
+  const StreamResult refused = RunGenerate(*s->stub, GreedyRequest({1, 2}, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("shutting down"));
+  while (reader->Read(&response)) tokens += response.token_ids_size();
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, 600);  // the in-flight request completed
+  drain.join();
+}
+
+TEST(ServerTest, DrainTimeoutCancelsWhatIsLeft) {
+  ServerOptions options = TestOptions();
+  options.drain_timeout = absl::Milliseconds(200);
+  auto s = TestServer::Start(options);
+  grpc::ClientContext context;
+  auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(11, 5), 4000));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  s->server->Drain();  // returns once the request was cancelled and the server stopped
+  while (reader->Read(&response)) {
+  }
+  const grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("drain timeout"));
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+}  // namespace
+}  // namespace moe::server::testing
+
+namespace moe::server::testing {
+namespace {
+
+// Not a check: prints the wall time per token of one greedy stream through gRPC against the
+// same request submitted straight to an Engine (same model, options and thread count).
+// Run with --gtest_also_run_disabled_tests --gtest_filter=*Overhead*.
+TEST(ServerBenchmark, DISABLED_GrpcOverheadPerToken) {
+  constexpr int kTokens = 1000;
+  constexpr int kRepeats = 5;
+  const std::vector<int32_t> prompt = Prompt(12, 8);
+  double engine_best = 1e9;
+  double grpc_best = 1e9;
+  {
+    ServerOptions options = TestOptions();
+    options.check_invariants = false;
+    auto s = TestServer::Start(options);
+    for (int r = 0; r < kRepeats; ++r) {
+      const absl::Time start = absl::Now();
+      const StreamResult result = RunGenerate(*s->stub, GreedyRequest(prompt, kTokens));
+      grpc_best = std::min(grpc_best, absl::ToDoubleSeconds(absl::Now() - start));
+      ASSERT_EQ(result.tokens.size(), static_cast<size_t>(kTokens));
+    }
+  }
+  {
+    EngineOptions options;
+    options.runner.model_dir = DemoModelDir();
+    options.runner.backend = "cpu";
+    options.runner.num_threads = 1;
+    options.runner.kv_cache_bytes = 16ll << 20;
+    options.base_seed = 7;
+    auto engine = Engine::Create(options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    for (int r = 0; r < kRepeats; ++r) {
+      GenerateRequest request;
+      request.prompt_token_ids = prompt;
+      request.sampling.temperature = 0.0f;
+      request.sampling.max_tokens = kTokens;
+      request.sampling.ignore_eos = true;
+      std::atomic<int> tokens{0};
+      const absl::Time start = absl::Now();
+      ASSERT_TRUE(
+          (*engine)->Submit(request, [&](RequestEvent e) { tokens += e.tokens.size(); }).ok());
+      (*engine)->WaitUntilIdle();
+      engine_best = std::min(engine_best, absl::ToDoubleSeconds(absl::Now() - start));
+      ASSERT_EQ(tokens.load(), kTokens);
+    }
+  }
+  std::printf(
+      "greedy %d tokens, best of %d: engine %.3f ms/token, gRPC stream %.3f ms/token, "
+      "overhead %.1f us/token\n",
+      kTokens, kRepeats, engine_best * 1e3 / kTokens, grpc_best * 1e3 / kTokens,
+      (grpc_best - engine_best) * 1e6 / kTokens);
+}
+
+}  // namespace
+}  // namespace moe::server::testing
