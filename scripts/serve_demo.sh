@@ -10,6 +10,6 @@ BUILD_DIR="${MOE_BUILD_DIR:-build}"
 DEMO_DIR="$BUILD_DIR/demo_model"
 if [[ ! -f "$DEMO_DIR/model.safetensors" ]]; then
   "$BUILD_DIR/tools/moe-make-model" --preset=demo --out="$DEMO_DIR" \
-    --tokenizer=tests/fixtures/tokenizers/demo/tokenizer.json
+    --tokenizer=tests/fixtures/tokenizers/qwen2_split/tokenizer.json
 fi
 exec "$BUILD_DIR/server/moe-serve" --model="$DEMO_DIR" "$@"

@@ -1,6 +1,8 @@
 // moe-generate: offline greedy generation on one prompt, printing the tokens and tokens/s.
 //
-//   moe-generate --model=DIR --prompt_ids=1,2,3 [--max_tokens=32] [--backend=cpu]
+//   moe-generate --model=DIR --prompt="text" [--max_tokens=32] [--backend=cpu]
+//   moe-generate --model=DIR --prompt_ids=1,2,3
+// Text needs the model directory's tokenizer.json.
 #include <chrono>
 #include <iostream>
 #include <vector>
@@ -13,9 +15,11 @@
 #include "absl/strings/str_split.h"
 #include "engine/ops/model_runner.h"
 #include "engine/ops/offline_batch.h"
+#include "engine/tokenizer/tokenizer.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json + *.safetensors)");
-ABSL_FLAG(std::string, prompt_ids, "", "Comma-separated prompt token ids");
+ABSL_FLAG(std::string, prompt, "", "Prompt text (tokenized with the model's tokenizer.json)");
+ABSL_FLAG(std::string, prompt_ids, "", "Comma-separated prompt token ids (instead of --prompt)");
 ABSL_FLAG(int32_t, max_tokens, 32, "Tokens to generate");
 ABSL_FLAG(std::string, backend, "auto", "auto, cpu or cuda");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all)");
@@ -33,8 +37,27 @@ int main(int argc, char** argv) {
     }
     prompt.push_back(id);
   }
+  std::unique_ptr<moe::Tokenizer> tokenizer;
+  const std::string text = absl::GetFlag(FLAGS_prompt);
+  if (!text.empty() || prompt.empty()) {
+    auto loaded = moe::Tokenizer::FromModelDir(absl::GetFlag(FLAGS_model));
+    if (!loaded.ok()) {
+      std::cerr << "moe-generate: --prompt needs a tokenizer: " << loaded.status().message()
+                << "\n";
+      return 2;
+    }
+    tokenizer = std::move(loaded).value();
+  }
+  if (!text.empty()) {
+    auto ids = tokenizer->Encode(text);
+    if (!ids.ok()) {
+      std::cerr << "moe-generate: --prompt: " << ids.status().message() << "\n";
+      return 2;
+    }
+    prompt = std::move(ids).value();
+  }
   if (prompt.empty()) {
-    std::cerr << "moe-generate: --prompt_ids must list at least one token id\n";
+    std::cerr << "moe-generate: give --prompt text or --prompt_ids (at least one token)\n";
     return 2;
   }
   moe::ModelRunnerOptions options;
@@ -76,6 +99,10 @@ int main(int argc, char** argv) {
   }
   std::cout << "backend: " << (*runner)->backend_description() << "\n";
   std::cout << "tokens: " << absl::StrJoin(generated, ",") << "\n";
+  if (tokenizer != nullptr) {
+    auto decoded = tokenizer->Decode(generated);
+    if (decoded.ok()) std::cout << "text: " << *decoded << "\n";
+  }
   std::cout << "prefill: " << prompt.size() << " tokens, " << prompt.size() / prefill_seconds
             << " tokens/s\n";
   if (max_tokens > 1) {

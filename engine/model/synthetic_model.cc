@@ -52,8 +52,9 @@ std::string ConfigJson(const SyntheticModelSpec& spec) {
       {"rope_theta", 1000000.0},
       {"hidden_act", "silu"},
       {"tie_word_embeddings", false},
-      {"bos_token_id", 1},
-      {"eos_token_id", 2},
+      {"bos_token_id", spec.bos_token_id >= 0 ? nlohmann::ordered_json(spec.bos_token_id)
+                                               : nlohmann::ordered_json(nullptr)},
+      {"eos_token_id", spec.eos_token_id},
       {"torch_dtype", spec.f32_weights ? "float32" : "bfloat16"},
       {"moe_serve_synthetic", {{"seed", spec.seed}}},
   };

@@ -22,6 +22,8 @@ struct SyntheticModelSpec {
   int32_t expert_intermediate_size = 2816;
   int32_t max_position_embeddings = 4096;
   bool f32_weights = false;  // bf16 by default
+  int32_t bos_token_id = 1;  // -1 = none
+  int32_t eos_token_id = 2;
   uint64_t seed = 1;
 };
 
