@@ -60,6 +60,10 @@ struct Engine::ActiveRequest {
   StopStringMatcher stop_matcher;
   int32_t num_prompt_tokens = 0;
   int32_t num_cached_prompt_tokens = 0;
+  // Phase boundaries (InfinitePast until reached).
+  absl::Time submitted = absl::InfinitePast();
+  absl::Time first_scheduled = absl::InfinitePast();
+  absl::Time first_token = absl::InfinitePast();
 };
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
@@ -183,7 +187,7 @@ absl::StatusOr<int64_t> Engine::Submit(GenerateRequest request, EventSink sink) 
     id = next_request_id_++;
     ++in_flight_;
     next_deadline_ = std::min(next_deadline_, request.deadline);
-    inbox_.push_back({id, std::move(request), std::move(sink)});
+    inbox_.push_back({id, std::move(request), std::move(sink), absl::Now()});
   }
   absl::MutexLock lock(&stats_mu_);
   ++stats_.requests_submitted;
@@ -260,6 +264,7 @@ void Engine::Admit(Pending pending) {
       std::make_unique<ActiveRequest>(request, std::move(pending.sink), seed, std::move(stop_ids));
   if (options_.detokenizer) state->detokenizer = options_.detokenizer(request.prompt_token_ids);
   state->num_prompt_tokens = static_cast<int32_t>(request.prompt_token_ids.size());
+  state->submitted = pending.submitted;
   scheduler_.Add(pending.id, std::move(request.prompt_token_ids), request.priority);
   active_[pending.id] = std::move(state);
 }
@@ -325,6 +330,7 @@ bool Engine::Step() {
     Sequence* seq = scheduled.sequence;
     const int64_t id = seq->id();
     ActiveRequest& state = *active_.at(id);
+    if (state.first_scheduled == absl::InfinitePast()) state.first_scheduled = forward_start;
     state.num_cached_prompt_tokens =
         std::max(state.num_cached_prompt_tokens, seq->num_cached_prompt_tokens());
     RequestEvent event;
@@ -358,6 +364,7 @@ bool Engine::Step() {
     SampledToken sampled = state.sampler.Sample(logits, sampler_workspace_);
     seq->AppendToken(sampled.token_id);
     ++generated_tokens_;
+    if (state.first_token == absl::InfinitePast()) state.first_token = forward_end;
     event.tokens.push_back({sampled.token_id, sampled.logprob, std::move(sampled.top_logprobs)});
     const int32_t num_generated = state.sampler.num_generated();
 
@@ -428,6 +435,16 @@ void Engine::FinishRequest(int64_t id, FinishReason reason, absl::Status status,
   event.num_generated_tokens = state->sampler.num_generated();
   event.num_cached_prompt_tokens =
       std::max(state->num_cached_prompt_tokens, seq ? seq->num_cached_prompt_tokens() : 0);
+  const absl::Time now = absl::Now();
+  auto phase = [](absl::Time begin, absl::Time end) {
+    return begin == absl::InfinitePast() || end == absl::InfinitePast() ? absl::ZeroDuration()
+                                                                        : end - begin;
+  };
+  event.queue_time = phase(state->submitted,
+                           state->first_scheduled == absl::InfinitePast() ? now
+                                                                          : state->first_scheduled);
+  event.prefill_time = phase(state->first_scheduled, state->first_token);
+  event.decode_time = phase(state->first_token, now);
   // Release text held back for a possible stop string (not after a stop string or a stop
   // token, whose text is excluded, nor after an error).
   if (state->detokenizer && reason != FinishReason::kStopString &&

@@ -84,6 +84,11 @@ struct RequestEvent {
   int32_t num_prompt_tokens = 0;
   int32_t num_generated_tokens = 0;
   int32_t num_cached_prompt_tokens = 0;  // prompt tokens taken from the prefix cache
+  // Phases, when finished (zero for a phase the request did not reach): Submit -> first
+  // scheduled, first scheduled -> first generated token, first token -> finish.
+  absl::Duration queue_time;
+  absl::Duration prefill_time;
+  absl::Duration decode_time;
 };
 
 using EventSink = std::function<void(RequestEvent)>;
@@ -200,6 +205,7 @@ class Engine {
     int64_t id;
     GenerateRequest request;
     EventSink sink;
+    absl::Time submitted;
   };
   struct ActiveRequest;  // engine-thread state of one request (engine.cc)
 

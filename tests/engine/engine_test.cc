@@ -347,6 +347,32 @@ TEST(EngineTest, DeadlineEndsRequestAndFreesBlocks) {
   ExpectAllBlocksFree(*engine);
 }
 
+// The final event splits the request's life into queue, prefill and decode time.
+TEST(EngineTest, FinalEventReportsPhaseTimes) {
+  EngineOptions options = OptionsFor("mixtral", 64);
+  // Every step is followed by a 2 ms pause, so 4 decode steps after the first token take at
+  // least 8 ms of decode time.
+  options.step_observer = [](const EngineStepInfo&) { absl::SleepFor(absl::Milliseconds(2)); };
+  Collector collector;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  ASSERT_NE(engine, nullptr);
+  std::mt19937_64 rng(5);
+  GenerateRequest request;
+  request.prompt_token_ids = RandomPrompt(rng, 20, VocabOf("mixtral"));
+  request.sampling.max_tokens = 5;
+  request.sampling.ignore_eos = true;
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(engine->Submit(request, collector.Sink(0)).ok());
+  engine->WaitUntilIdle();
+  const absl::Duration wall = absl::Now() - start;
+  const RequestEvent& final_event = collector.Get(0).final_event;
+  ASSERT_EQ(final_event.finish_reason, FinishReason::kLength);
+  EXPECT_GE(final_event.queue_time, absl::ZeroDuration());
+  EXPECT_GT(final_event.prefill_time, absl::ZeroDuration());
+  EXPECT_GE(final_event.decode_time, absl::Milliseconds(8));
+  EXPECT_LE(final_event.queue_time + final_event.prefill_time + final_event.decode_time, wall);
+}
+
 TEST(EngineTest, StopConditions) {
   EngineOptions options = OptionsFor("mixtral", 64);
   options.detokenizer = testing::ToyDetokenizerFactory();
