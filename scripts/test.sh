@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything (CUDA backend included when nvcc is present), runs the whole test suite,
-# then validates the deployment files offline. On a machine without a GPU the CUDA parity tests report themselves skipped.
+# then validates the deployment files offline. On a machine without a GPU the CUDA parity
+# tests report themselves skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
