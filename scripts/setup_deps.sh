@@ -8,7 +8,8 @@ PACKAGES=(
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libhwy-dev
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev
-  python3
+  python3 python3-venv
+  prometheus  # promtool and a real Prometheus server for the metrics tests (not started)
 )
 
 missing=()

@@ -5,7 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/build.sh
+bash scripts/setup_deps.sh
+# Python packages of the out-of-process tests, in a virtual environment of their own.
+VENV=.cache/test_venv
+if [[ ! -x "$VENV/bin/python" ]]; then python3 -m venv "$VENV"; fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+
+bash scripts/build.sh -DPython3_EXECUTABLE="$PWD/$VENV/bin/python"
 BUILD_DIR="${MOE_BUILD_DIR:-build}"
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 600
 # Deployment files: Dockerfile lint, manifests against Kubernetes schemas, alert rule tests.

@@ -9,10 +9,10 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "engine/common/program_usage.h"
 #include "engine/ops/model_runner.h"
 #include "engine/ops/offline_batch.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -25,7 +25,7 @@ ABSL_FLAG(std::string, backend, "auto", "auto, cpu or cuda");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads (0 = all)");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("Greedy generation from prompt token ids.");
+  moe::SetProgramUsage("tools/generate.cc", "Greedy generation from prompt token ids.");
   absl::ParseCommandLine(argc, argv);
   std::vector<int32_t> prompt;
   for (absl::string_view piece :

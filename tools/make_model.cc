@@ -8,7 +8,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
+#include "engine/common/program_usage.h"
 #include "engine/model/synthetic_model.h"
 #include "engine/tokenizer/tokenizer.h"
 
@@ -21,9 +21,9 @@ ABSL_FLAG(int32_t, layers, 0, "Override the number of layers (0 = preset)");
 ABSL_FLAG(bool, f32, false, "Write float32 weights instead of bfloat16");
 ABSL_FLAG(uint64_t, seed, 1, "Random seed");
 
-
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("Writes a synthetic MoE checkpoint. --out is required.");
+  moe::SetProgramUsage("tools/make_model.cc",
+                       "Writes a synthetic MoE checkpoint. --out is required.");
   absl::ParseCommandLine(argc, argv);
   const std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) {
@@ -64,9 +64,8 @@ int main(int argc, char** argv) {
     std::filesystem::copy_file(tokenizer, std::filesystem::path(out) / "tokenizer.json", overwrite,
                                error);
     if (!error && has_tokenizer_config) {
-      std::filesystem::copy_file(tokenizer_config,
-                                 std::filesystem::path(out) / "tokenizer_config.json", overwrite,
-                                 error);
+      std::filesystem::copy_file(
+          tokenizer_config, std::filesystem::path(out) / "tokenizer_config.json", overwrite, error);
     }
     if (error) {
       std::cerr << "moe-make-model: copying " << tokenizer << ": " << error.message() << "\n";

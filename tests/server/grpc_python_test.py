@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Out-of-process end-to-end test: the real moe-serve binary on the demo model, called with
 Python grpcio through server reflection only (no generated code: message classes come from the
-descriptors the server returns), with grpc.health.v1, and with the C++ moe-client binary.
+descriptors the server returns), with grpc.health.v1, and with the C++ moe-client and moe-bench
+binaries.
 Ends with SIGTERM: in-flight request completes, new ones are refused, the process exits 0.
 
 Usage: grpc_python_test.py BUILD_DIR SOURCE_DIR   (exit 77 = skipped: grpcio missing)
@@ -165,6 +166,26 @@ class GrpcPythonTest(unittest.TestCase):
         self.assertEqual(error.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("sampling.top_p", error.exception.details())
         self.assertIn("(0, 1]", error.exception.details())
+
+    def test_d_cli_tools(self):
+        def run(binary, *args):
+            return subprocess.run([os.path.join(BUILD_DIR, "client", binary),
+                                   f"--target={self.server.target}", *args],
+                                  check=True, capture_output=True, text=True).stdout
+
+        self.assertEqual(run("moe-client", "health").strip(), "SERVING")
+        info = json.loads(run("moe-client", "info", "--json"))
+        self.assertEqual(info["numExperts"], 8)
+        stats = json.loads(run("moe-client", "stats", "--json"))
+        for layer in stats["sinceStart"]["layers"]:
+            self.assertEqual(sum(int(c) for c in layer["expertCounts"]),
+                             int(layer["tokens"]) * stats["topK"])
+        self.assertIn("max/mean", run("moe-client", "stats"))
+        bench = json.loads(run("moe-bench", "--concurrency=4", "--num_requests=8", "--warmup=1",
+                               "--prompt_tokens=4:12", "--output_tokens=6", "--json"))
+        self.assertEqual(bench["succeeded"], 8)
+        self.assertEqual(bench["errors_by_code"], {})
+        self.assertEqual(bench["itl_s"]["n"], 8 * 5)
 
     def test_z_sigterm_drains_and_exits_zero(self):
         request = self.msg["GenerateRequest"](token_ids={"ids": [5, 6, 7]},

@@ -505,22 +505,38 @@ TEST(ServerTest, ClientCancelCancelsInTheEngineAndFreesBlocks) {
 
 TEST(ServerTest, SlowReaderDoesNotStallTheEngine) {
   auto s = TestServer::Start(TestOptions());
+  // A client whose HTTP/2 receive window stays small (no BDP growth, 1 KiB lookahead), so
+  // that the server's writes back up as soon as the client stops reading.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 1024);
+  auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", s->server->port()),
+                                           grpc::InsecureChannelCredentials(), args);
+  auto stub = v1::Inference::NewStub(channel);
+  constexpr int kTokens = 400;
+  v1::GenerateRequest request = GreedyRequest(Prompt(6, 5), kTokens);
+  request.set_logprobs(5);  // ~60 bytes per token: far more than the window
   grpc::ClientContext context;
-  auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(6, 5), 300));
+  auto reader = stub->Generate(&context, request);
   v1::GenerateResponse response;
   ASSERT_TRUE(reader->Read(&response));
   std::vector<int32_t> tokens(response.token_ids().begin(), response.token_ids().end());
   // The client reads nothing more; the engine still finishes the whole request.
   ASSERT_TRUE(WaitFor([&] { return s->server->engine()->Stats().requests_finished == 1; }));
   int responses = 1;
+  int logprobs = response.logprobs_size();
   while (reader->Read(&response)) {
     tokens.insert(tokens.end(), response.token_ids().begin(), response.token_ids().end());
+    logprobs += response.logprobs_size();
     ++responses;
   }
   ASSERT_TRUE(reader->Finish().ok());
   OfflineGreedy offline;
-  EXPECT_EQ(tokens, offline.Generate(Prompt(6, 5), 300));
-  EXPECT_LT(responses, 300);  // coalesced while the reader was away
+  EXPECT_EQ(tokens, offline.Generate(Prompt(6, 5), kTokens));
+  EXPECT_EQ(logprobs, kTokens);
+  // What the engine produced while the reader was away went out coalesced, in few messages.
+  RecordProperty("responses", responses);
+  EXPECT_LT(responses, kTokens / 2);
 }
 
 TEST(ServerTest, OverloadIsResourceExhausted) {
@@ -602,9 +618,11 @@ std::string Reflect(const std::shared_ptr<grpc::Channel>& channel, const std::st
 // Length-delimited field `field` with `value`.
 std::string Field(int field, const std::string& value) {
   std::string out;
+  out.reserve(2 + value.size());
   out.push_back(static_cast<char>(field << 3 | 2));
   out.push_back(static_cast<char>(value.size()));  // < 128 here
-  return out + value;
+  out.append(value);
+  return out;
 }
 
 TEST(ServerTest, ReflectionListsAndDescribesTheService) {
@@ -722,6 +740,89 @@ TEST(ServerBenchmark, DISABLED_GrpcOverheadPerToken) {
       "overhead %.1f us/token\n",
       kTokens, kRepeats, engine_best * 1e3 / kTokens, grpc_best * 1e3 / kTokens,
       (grpc_best - engine_best) * 1e6 / kTokens);
+}
+
+}  // namespace
+}  // namespace moe::server::testing
+
+namespace moe::server::testing {
+namespace {
+
+// The hooks the metrics component uses see every step, every step's routing, and each call
+// once: with its status, and with the engine's final event when it entered the engine.
+TEST(ServerTest, HooksSeeStepsRoutingAndEveryCall) {
+  struct Seen {
+    absl::Mutex mu;
+    int64_t steps = 0;
+    int64_t routed_tokens = 0;
+    int64_t streamed_tokens = 0;
+    std::vector<std::pair<grpc::StatusCode, bool>> finished;  // code, had a final event
+    int64_t final_generated = 0;
+  };
+  auto seen = std::make_shared<Seen>();
+  class Observer : public RequestObserver {
+   public:
+    explicit Observer(std::shared_ptr<Seen> seen) : seen_(std::move(seen)) {}
+    void OnTokens(int32_t count, absl::Time) override {
+      absl::MutexLock lock(&seen_->mu);
+      seen_->streamed_tokens += count;
+    }
+    void OnFinished(const RequestEvent* event, grpc::StatusCode code, absl::Time) override {
+      absl::MutexLock lock(&seen_->mu);
+      seen_->finished.emplace_back(code, event != nullptr);
+      if (event != nullptr) seen_->final_generated += event->num_generated_tokens;
+    }
+
+   private:
+    std::shared_ptr<Seen> seen_;
+  };
+  ServerOptions options = TestOptions();
+  options.make_hooks = [seen](const LoadedModel& model) {
+    EXPECT_EQ(model.config->num_experts, 8);
+    EXPECT_GT(model.parameters->total, 0);
+    EXPECT_NE(model.expert_stats, nullptr);
+    ServerHooks hooks;
+    hooks.on_step = [seen](const EngineStepInfo&) {
+      absl::MutexLock lock(&seen->mu);
+      ++seen->steps;
+    };
+    hooks.on_routing = [seen](const ForwardBatch& batch, const StepRouting&) {
+      absl::MutexLock lock(&seen->mu);
+      seen->routed_tokens += batch.num_tokens();
+    };
+    hooks.on_request = [seen](absl::Time) { return std::make_unique<Observer>(seen); };
+    return hooks;
+  };
+  auto s = TestServer::Start(options);
+  ASSERT_TRUE(RunGenerate(*s->stub, GreedyRequest(Prompt(20, 6), 10)).status.ok());
+  v1::GenerateRequest invalid = GreedyRequest({1}, 1);
+  invalid.set_logprobs(99);
+  EXPECT_EQ(RunGenerate(*s->stub, invalid).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  {
+    grpc::ClientContext context;
+    auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(21, 6), 4000));
+    v1::GenerateResponse response;
+    ASSERT_TRUE(reader->Read(&response));
+    context.TryCancel();
+    while (reader->Read(&response)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  ASSERT_TRUE(WaitFor([&] {
+    absl::MutexLock lock(&seen->mu);
+    return seen->finished.size() == 3;
+  }));
+  ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  const EngineStats stats = s->server->engine()->Stats();
+  absl::MutexLock lock(&seen->mu);
+  EXPECT_EQ(seen->steps, stats.steps);
+  EXPECT_EQ(seen->routed_tokens, stats.scheduled_tokens);
+  EXPECT_EQ(seen->streamed_tokens, stats.generated_tokens);
+  EXPECT_EQ(seen->final_generated, stats.generated_tokens);
+  EXPECT_THAT(seen->finished, ::testing::UnorderedElementsAre(
+                                  std::make_pair(grpc::StatusCode::OK, true),
+                                  std::make_pair(grpc::StatusCode::INVALID_ARGUMENT, false),
+                                  std::make_pair(grpc::StatusCode::CANCELLED, true)));
 }
 
 }  // namespace

@@ -1,0 +1,276 @@
+#include "server/request_validation.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engine/common/status_macros.h"
+#include "engine/sampling/sampling_params.h"
+
+namespace moe::server {
+namespace {
+
+namespace v1 = ::moe::serving::v1;
+
+absl::Status Invalid(absl::string_view field, const auto& value, absl::string_view allowed) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", value, " is not allowed; ", allowed));
+}
+
+absl::Status CheckSampling(const v1::SamplingParams& in, int32_t vocab, SamplingParams& out) {
+  if (in.has_temperature()) {
+    const float t = in.temperature();
+    if (!std::isfinite(t) || t < 0.0f) {
+      return Invalid("sampling.temperature", t, "must be finite and >= 0 (0 = greedy)");
+    }
+    out.temperature = t;
+  }
+  if (in.has_top_k()) {
+    if (in.top_k() < 0 || in.top_k() > vocab) {
+      return Invalid("sampling.top_k", in.top_k(),
+                     absl::StrCat("must be in [0, ", vocab, "] (0 = no limit)"));
+    }
+    out.top_k = in.top_k();
+  }
+  if (in.has_top_p()) {
+    if (!(in.top_p() > 0.0f && in.top_p() <= 1.0f)) {
+      return Invalid("sampling.top_p", in.top_p(), "must be in (0, 1]");
+    }
+    out.top_p = in.top_p();
+  }
+  if (in.has_min_p()) {
+    if (!(in.min_p() >= 0.0f && in.min_p() <= 1.0f)) {
+      return Invalid("sampling.min_p", in.min_p(), "must be in [0, 1]");
+    }
+    out.min_p = in.min_p();
+  }
+  if (in.has_repetition_penalty()) {
+    const float p = in.repetition_penalty();
+    if (!std::isfinite(p) || p <= 0.0f) {
+      return Invalid("sampling.repetition_penalty", p, "must be finite and > 0 (1 = off)");
+    }
+    out.repetition_penalty = p;
+  }
+  if (in.has_presence_penalty()) {
+    const float p = in.presence_penalty();
+    if (!(p >= -2.0f && p <= 2.0f)) {
+      return Invalid("sampling.presence_penalty", p, "must be in [-2, 2]");
+    }
+    out.presence_penalty = p;
+  }
+  if (in.has_frequency_penalty()) {
+    const float p = in.frequency_penalty();
+    if (!(p >= -2.0f && p <= 2.0f)) {
+      return Invalid("sampling.frequency_penalty", p, "must be in [-2, 2]");
+    }
+    out.frequency_penalty = p;
+  }
+  if (in.has_seed()) out.seed = in.seed();
+  return absl::OkStatus();
+}
+
+absl::Status CheckStop(const v1::StopParams& in, int32_t vocab, int32_t max_new_tokens,
+                       bool has_tokenizer, SamplingParams& out) {
+  // max_new_tokens = context_length - prompt tokens >= 1.
+  if (in.has_max_tokens()) {
+    if (in.max_tokens() < 1 || in.max_tokens() > max_new_tokens) {
+      return Invalid("stop.max_tokens", in.max_tokens(),
+                     absl::StrCat("must be in [1, ", max_new_tokens,
+                                  "] (the context length minus the prompt tokens)"));
+    }
+    out.max_tokens = in.max_tokens();
+  } else {
+    out.max_tokens = std::min(kDefaultMaxTokens, max_new_tokens);
+  }
+  if (in.has_min_tokens()) {
+    if (in.min_tokens() < 0 || in.min_tokens() > out.max_tokens) {
+      return Invalid("stop.min_tokens", in.min_tokens(),
+                     absl::StrCat("must be in [0, max_tokens = ", out.max_tokens, "]"));
+    }
+    out.min_tokens = in.min_tokens();
+  }
+  out.ignore_eos = in.ignore_eos();
+  for (int i = 0; i < in.stop_token_ids_size(); ++i) {
+    const int32_t id = in.stop_token_ids(i);
+    if (id < 0 || id >= vocab) {
+      return Invalid(absl::StrCat("stop.stop_token_ids[", i, "]"), id,
+                     absl::StrCat("token ids must be in [0, ", vocab, ")"));
+    }
+    out.stop_token_ids.push_back(id);
+  }
+  if (in.stop_strings_size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(absl::StrCat("stop.stop_strings: ", in.stop_strings_size(),
+                                                   " stop strings is not allowed; at most ",
+                                                   kMaxStopStrings));
+  }
+  if (in.stop_strings_size() > 0 && !has_tokenizer) {
+    return absl::FailedPreconditionError(
+        "stop.stop_strings: stop strings need text, but the model directory has no "
+        "tokenizer.json; use stop.stop_token_ids");
+  }
+  for (int i = 0; i < in.stop_strings_size(); ++i) {
+    const std::string& stop = in.stop_strings(i);
+    const std::string field = absl::StrCat("stop.stop_strings[", i, "]");
+    if (stop.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": the empty string is not allowed; stop strings must be 1..",
+                       kMaxStopStringBytes, " bytes"));
+    }
+    if (stop.size() > static_cast<size_t>(kMaxStopStringBytes)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": ", stop.size(),
+                                                     " bytes is not allowed; at most ",
+                                                     kMaxStopStringBytes, " bytes"));
+    }
+    if (const int64_t bad = FindInvalidUtf8(stop); bad >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": invalid UTF-8 at byte ", bad, "; stop strings must be UTF-8"));
+    }
+    out.stop_strings.push_back(stop);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int64_t FindInvalidUtf8(const std::string& text) {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = s[i];
+    size_t len = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return static_cast<int64_t>(i);
+    }
+    if (i + len > n) return static_cast<int64_t>(i);
+    for (size_t k = 1; k < len; ++k) {
+      if ((s[i + k] & 0xC0) != 0x80) return static_cast<int64_t>(i);
+      cp = (cp << 6) | (s[i + k] & 0x3F);
+    }
+    const bool overlong =
+        (len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
+    if (overlong || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return static_cast<int64_t>(i);
+    }
+    i += len;
+  }
+  return -1;
+}
+
+absl::Status ValidateRequestId(const std::string& request_id) {
+  if (request_id.size() > static_cast<size_t>(kMaxRequestIdBytes)) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id: ", request_id.size(),
+                                                   " bytes is not allowed; at most ",
+                                                   kMaxRequestIdBytes, " bytes"));
+  }
+  for (size_t i = 0; i < request_id.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(request_id[i]);
+    if (c < 0x21 || c > 0x7E) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("request_id: byte ", i, " (0x", absl::Hex(c),
+                       ") is not allowed; only printable ASCII without spaces (0x21..0x7E)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& request,
+                                                   const Tokenizer* tokenizer,
+                                                   const RequestLimits& limits) {
+  const int32_t vocab = limits.vocab_size;
+  RETURN_IF_ERROR(ValidateRequestId(request.request_id()));
+  GenerateRequest out;
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      const std::string& text = request.text();
+      if (text.empty()) {
+        return absl::InvalidArgumentError(
+            "text: the empty prompt is not allowed; give at least one character (or token_ids)");
+      }
+      if (const int64_t bad = FindInvalidUtf8(text); bad >= 0) {
+        return absl::InvalidArgumentError(absl::StrCat("text: invalid UTF-8 at byte ", bad,
+                                                       "; the prompt text must be valid UTF-8"));
+      }
+      if (tokenizer == nullptr) {
+        return absl::FailedPreconditionError(
+            "text: text prompts need a tokenizer, but the model directory has no "
+            "tokenizer.json; send token_ids instead");
+      }
+      EncodeOptions options;
+      options.add_special_tokens =
+          request.has_add_special_tokens() ? request.add_special_tokens() : true;
+      absl::StatusOr<std::vector<int32_t>> ids = tokenizer->Encode(text, options);
+      if (!ids.ok()) {
+        return absl::Status(ids.status().code(), absl::StrCat("text: ", ids.status().message()));
+      }
+      if (ids->empty()) {
+        return absl::InvalidArgumentError("text: the prompt encodes to no tokens");
+      }
+      for (int32_t id : *ids) {
+        if (id < 0 || id >= vocab) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "text: the tokenizer produced token id ", id, ", outside the model's vocabulary [0, ",
+              vocab, "): tokenizer and model do not match"));
+        }
+      }
+      out.prompt_token_ids = *std::move(ids);
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds: {
+      const auto& ids = request.token_ids().ids();
+      if (ids.empty()) {
+        return absl::InvalidArgumentError(
+            "token_ids.ids: the empty prompt is not allowed; give at least one token id");
+      }
+      for (int i = 0; i < ids.size(); ++i) {
+        if (ids[i] < 0 || ids[i] >= vocab) {
+          return Invalid(absl::StrCat("token_ids.ids[", i, "]"), ids[i],
+                         absl::StrCat("token ids must be in [0, ", vocab, ")"));
+        }
+      }
+      out.prompt_token_ids.assign(ids.begin(), ids.end());
+      break;
+    }
+    case v1::GenerateRequest::PROMPT_NOT_SET:
+      return absl::InvalidArgumentError(
+          "prompt: no prompt given; set exactly one of `text` or `token_ids`");
+  }
+  const int32_t prompt_len = static_cast<int32_t>(out.prompt_token_ids.size());
+  if (prompt_len > limits.max_prompt_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt: ", prompt_len,
+        " tokens is too long; at most max_prompt_tokens = ", limits.max_prompt_tokens, " tokens"));
+  }
+  RETURN_IF_ERROR(CheckSampling(request.sampling(), vocab, out.sampling));
+  RETURN_IF_ERROR(CheckStop(request.stop(), vocab, limits.context_length - prompt_len,
+                            tokenizer != nullptr, out.sampling));
+  if (request.logprobs() < 0 || request.logprobs() > kMaxLogprobs) {
+    return Invalid("logprobs", request.logprobs(),
+                   absl::StrCat("must be in [0, ", kMaxLogprobs, "] (0 = none)"));
+  }
+  out.sampling.logprobs = request.logprobs();
+  if (request.return_prompt_routing() && !request.return_routing()) {
+    return absl::InvalidArgumentError(
+        "return_prompt_routing: true is not allowed without return_routing = true");
+  }
+  out.return_routing = request.return_routing();
+  if (request.priority() < -kMaxPriority || request.priority() > kMaxPriority) {
+    return Invalid("priority", request.priority(),
+                   absl::StrCat("must be in [", -kMaxPriority, ", ", kMaxPriority, "]"));
+  }
+  out.priority = request.priority();
+  return out;
+}
+
+}  // namespace moe::server
