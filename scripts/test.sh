@@ -14,5 +14,6 @@ if [[ ! -x "$VENV/bin/python" ]]; then python3 -m venv "$VENV"; fi
 bash scripts/build.sh -DPython3_EXECUTABLE="$PWD/$VENV/bin/python"
 BUILD_DIR="${MOE_BUILD_DIR:-build}"
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 600
-# Deployment files: Dockerfile lint, manifests against Kubernetes schemas, alert rule tests.
-bash scripts/check_deploy.sh
+# Deployment files: Dockerfile lint, manifests against Kubernetes schemas, alert rule tests;
+# metric names against the live scrape the Prometheus integration test saved.
+MOE_EXPORTED_METRICS="$PWD/$BUILD_DIR/metrics_scrape.txt" bash scripts/check_deploy.sh

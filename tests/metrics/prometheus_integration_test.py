@@ -163,7 +163,11 @@ scrape_configs:
             raise SystemExit(f"FAIL: {len(failures)} generate calls failed: {failures[0]}")
         time.sleep(3)  # a few more scrapes after the load
 
-        lint = subprocess.run([promtool, "check", "metrics"], input=http_get(metrics_url),
+        scrape = http_get(metrics_url)
+        # The live exposition is the list of exported names that scripts/check_deploy.sh checks
+        # the dashboard and alerts against (MOE_EXPORTED_METRICS).
+        (build / "metrics_scrape.txt").write_text(scrape)
+        lint = subprocess.run([promtool, "check", "metrics"], input=scrape,
                               capture_output=True, text=True)
         if lint.returncode != 0 or lint.stdout.strip() or lint.stderr.strip():
             raise SystemExit(f"FAIL: promtool check metrics: {lint.stdout}{lint.stderr}")
