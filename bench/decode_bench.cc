@@ -32,7 +32,9 @@ ABSL_FLAG(std::string, model, "", "Model directory (default: generate bench-mixt
 ABSL_FLAG(int32_t, threads, 2, "CPU threads for the engine and the bandwidth probe");
 ABSL_FLAG(int32_t, steps, 32, "Decode steps measured per configuration");
 ABSL_FLAG(int32_t, prefill_tokens, 512, "Prompt length for the prefill measurement");
-ABSL_FLAG(std::string, sequences, "1,16", "Comma-separated decode batch sizes");
+ABSL_FLAG(std::string, sequences, "1,4,16", "Comma-separated decode batch sizes");
+ABSL_FLAG(bool, bf16_activations, false,
+          "CPU backend: bf16 activations with AVX512-BF16 dot products (lower precision)");
 
 namespace moe {
 namespace {
@@ -50,14 +52,33 @@ double MeasureReadBandwidth(int32_t threads) {
   cpu::ThreadPool pool(threads);
   double best = 0;
   for (int repeat = 0; repeat < 5; ++repeat) {
-    std::vector<float> partial(threads * 16, 0.0f);
+    // One slot per grain-aligned range (ranges start at multiples of the grain).
+    std::vector<float> partial((floats >> 16) + 1, 0.0f);
     const auto start = Clock::now();
     pool.ParallelFor(floats, 1 << 16, [&](int64_t begin, int64_t end) {
-      const float sum = cpu::DotF32(buffer.data() + begin, buffer.data() + begin, end - begin);
-      partial[(begin * threads / floats) * 16] += sum;
+      partial[begin >> 16] = cpu::DotF32(buffer.data() + begin, buffer.data() + begin, end - begin);
     });
     best = std::max(best, floats * sizeof(float) / Seconds(start));
     if (partial[0] < 0) std::cout << "";  // keep the reads
+  }
+  return best;
+}
+
+// Read bandwidth of the decode kernel itself: one token through a [rows, 1024] bf16 matrix of
+// 256 MiB (bigger than any cache), rows split across the threads as the backend splits them.
+double MeasureMatVecBandwidth(int32_t threads) {
+  const int64_t in = 1024, rows = (256ll << 20) / (in * 2);
+  std::vector<uint16_t> weights(rows * in, 0x3f80);  // 1.0
+  std::vector<float> x(in, 1.0f), out(rows);
+  cpu::ThreadPool pool(threads);
+  double best = 0;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    const auto start = Clock::now();
+    pool.ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
+      cpu::MatMulRows(x.data(), in, 1, weights.data(), DType::kBF16, in, begin, end, out.data(),
+                      rows);
+    });
+    best = std::max(best, rows * in * 2 / Seconds(start));
   }
   return best;
 }
@@ -110,6 +131,7 @@ int Run() {
   options.model_dir = model_dir;
   options.backend = "cpu";
   options.num_threads = threads;
+  options.cpu_bf16_activations = absl::GetFlag(FLAGS_bf16_activations);
   options.kv_cache_bytes = 1ll << 30;
   auto runner = ModelRunner::Create(options);
   if (!runner.ok()) {
@@ -117,16 +139,21 @@ int Run() {
     return 1;
   }
   std::cout << "backend: " << (*runner)->backend_description() << "\n";
-  std::cout << absl::StrFormat("model: %s, %d layers, hidden %d, %d experts top-%d, %.0fM params"
-                               " (%.0fM active per token)\n",
-                               config.architecture_name, config.num_layers, config.hidden_size,
-                               config.num_experts, config.top_k,
-                               (*runner)->parameters().total / 1e6,
-                               (*runner)->parameters().active_per_token / 1e6);
+  std::cout << absl::StrFormat(
+      "model: %s, %d layers, hidden %d, %d experts top-%d, %.0fM params"
+      " (%.0fM active per token)\n",
+      config.architecture_name, config.num_layers, config.hidden_size, config.num_experts,
+      config.top_k, (*runner)->parameters().total / 1e6,
+      (*runner)->parameters().active_per_token / 1e6);
   const double bandwidth = MeasureReadBandwidth(threads);
-  std::cout << absl::StrFormat("memory read bandwidth (%d threads): %.1f GB/s\n\n", threads,
+  std::cout << absl::StrFormat("memory read bandwidth (%d threads): %.1f GB/s\n", threads,
                                bandwidth / 1e9);
-  std::cout << "| measurement | tokens/s | bytes read per step | roofline tokens/s | fraction of roofline |\n"
+  const double matvec = MeasureMatVecBandwidth(threads);
+  std::cout << absl::StrFormat(
+      "decode kernel (1 token x 256 MiB bf16 matrix): %.1f GB/s = %.2f of it\n\n", matvec / 1e9,
+      matvec / bandwidth);
+  std::cout << "| measurement | tokens/s | bytes read per step | roofline tokens/s | fraction of "
+               "roofline |\n"
                "|---|---|---|---|---|\n";
 
   const int32_t prompt_length = 32;
@@ -141,18 +168,21 @@ int Run() {
     for (int32_t s = 0; s < sequences; ++s) {
       batcher.AddSequence(prompt_length + steps + kWarmupSteps + 1).value();
       std::vector<int32_t> prompt(prompt_length);
-      for (int32_t i = 0; i < prompt_length; ++i) prompt[i] = (s * 7919 + i * 104729) % config.vocab_size;
+      for (int32_t i = 0; i < prompt_length; ++i)
+        prompt[i] = (s * 7919 + i * 104729) % config.vocab_size;
       batcher.Append(prefill, s, prompt, true).IgnoreError();
     }
     auto output = (*runner)->Forward(prefill);
     for (int32_t s = 0; s < sequences; ++s) {
-      next[s] = ArgMax(std::span<const float>(output->logits).subspan(s * config.vocab_size, config.vocab_size));
+      next[s] = ArgMax(
+          std::span<const float>(output->logits).subspan(s * config.vocab_size, config.vocab_size));
     }
     double seconds = 0;
     double bytes_read = 0;
     for (int32_t step = -kWarmupSteps; step < steps; ++step) {
       ForwardBatch batch;
-      for (int32_t s = 0; s < sequences; ++s) batcher.Append(batch, s, {&next[s], 1}, true).IgnoreError();
+      for (int32_t s = 0; s < sequences; ++s)
+        batcher.Append(batch, s, {&next[s], 1}, true).IgnoreError();
       const auto start = Clock::now();
       auto result = (*runner)->Forward(batch);
       const double step_seconds = Seconds(start);
@@ -161,14 +191,16 @@ int Run() {
         return 1;
       }
       for (int32_t s = 0; s < sequences; ++s) {
-        next[s] = ArgMax(std::span<const float>(result->logits).subspan(s * config.vocab_size, config.vocab_size));
+        next[s] = ArgMax(std::span<const float>(result->logits)
+                             .subspan(s * config.vocab_size, config.vocab_size));
       }
       if (step < 0) continue;  // warm-up
       seconds += step_seconds;
       // Weights actually read: distinct experts per layer from the routing record.
       double step_bytes = weight_bytes.always_read;
       for (const std::vector<int32_t>& ids : result->routing.expert_ids) {
-        step_bytes += std::set<int32_t>(ids.begin(), ids.end()).size() * double(weight_bytes.per_expert);
+        step_bytes +=
+            std::set<int32_t>(ids.begin(), ids.end()).size() * double(weight_bytes.per_expert);
       }
       // KV read: every sequence's context, K and V, all layers (float32).
       for (int32_t s = 0; s < sequences; ++s) {

@@ -6,11 +6,14 @@
 //   moe-client stats [--since_start]
 //   moe-client health
 //
-// --target (default localhost:50051, env MOE_TARGET) selects the server.
+// --target (default localhost:50051, env MOE_TARGET) selects the server; --tls_ca (TLS),
+// --tls_cert/--tls_key (mutual TLS) and --auth_token (env MOE_AUTH_TOKEN) reach a secured one.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -31,6 +34,13 @@
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, target, "", "Server address (default localhost:50051; env MOE_TARGET)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle that signed the server's certificate: connect with TLS (env MOE_TLS_CA)");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM client certificate for mutual TLS, with --tls_key (env MOE_TLS_CERT)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert (env MOE_TLS_KEY)");
+ABSL_FLAG(std::string, auth_token, "",
+          "Bearer token sent as `authorization: Bearer TOKEN` (env MOE_AUTH_TOKEN)");
 ABSL_FLAG(bool, json, false, "Machine output: one JSON object per line");
 ABSL_FLAG(double, timeout, 0, "Deadline in seconds (0 = none)");
 // generate
@@ -67,7 +77,52 @@ std::string Target() {
   return target;
 }
 
+// The flag's value, else the environment variable's, else "".
+std::string FlagOrEnv(const absl::Flag<std::string>& flag, const char* env) {
+  std::string value = absl::GetFlag(flag);
+  if (value.empty()) {
+    const char* from_env = std::getenv(env);
+    if (from_env != nullptr) value = from_env;
+  }
+  return value;
+}
+
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::stringstream text;
+  text << in.rdbuf();
+  *out = text.str();
+  return !in.bad();
+}
+
+// Plaintext, TLS (--tls_ca) or mutual TLS (--tls_ca with --tls_cert and --tls_key); null with a
+// message on stderr when a file cannot be read.
+std::shared_ptr<grpc::ChannelCredentials> Credentials() {
+  const std::string ca = FlagOrEnv(FLAGS_tls_ca, "MOE_TLS_CA");
+  const std::string cert = FlagOrEnv(FLAGS_tls_cert, "MOE_TLS_CERT");
+  const std::string key = FlagOrEnv(FLAGS_tls_key, "MOE_TLS_KEY");
+  if (ca.empty() && cert.empty() && key.empty()) return grpc::InsecureChannelCredentials();
+  if (cert.empty() != key.empty()) {
+    std::fprintf(stderr, "moe-client: --tls_cert and --tls_key go together\n");
+    return nullptr;
+  }
+  grpc::SslCredentialsOptions ssl;
+  const std::pair<const std::string*, std::string*> files[] = {
+      {&ca, &ssl.pem_root_certs}, {&cert, &ssl.pem_cert_chain}, {&key, &ssl.pem_private_key}};
+  for (const auto& [path, out] : files) {
+    if (!path->empty() && !ReadFile(*path, out)) {
+      std::fprintf(stderr, "moe-client: cannot read %s\n", path->c_str());
+      return nullptr;
+    }
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+// Deadline (--timeout) and bearer token (--auth_token) of every call.
 void SetDeadline(grpc::ClientContext& context) {
+  static const std::string token = FlagOrEnv(FLAGS_auth_token, "MOE_AUTH_TOKEN");
+  if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
   const double timeout = absl::GetFlag(FLAGS_timeout);
   if (timeout > 0) {
     context.set_deadline(std::chrono::system_clock::now() +
@@ -338,7 +393,9 @@ int main(int argc, char** argv) {
       "  info              the model: architecture, parameters, backend, limits\n"
       "  stats             expert-load heatmap, layers x experts, and imbalance figures\n"
       "  health [SERVICE]  grpc.health.v1 status; exit 0 when SERVING\n"
-      "Server: --target=HOST:PORT (env MOE_TARGET, default localhost:50051).");
+      "Server: --target=HOST:PORT (env MOE_TARGET, default localhost:50051); TLS: --tls_ca "
+      "(+ --tls_cert, --tls_key for mutual TLS); authentication: --auth_token (env "
+      "MOE_AUTH_TOKEN).");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
     std::fprintf(stderr, "moe-client: a command is required; see --help\n");
@@ -348,8 +405,9 @@ int main(int argc, char** argv) {
   const std::string arg = args.size() > 2 ? args[2] : "";
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(64 << 20);
-  auto channel =
-      grpc::CreateCustomChannel(Target(), grpc::InsecureChannelCredentials(), channel_args);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = Credentials();
+  if (credentials == nullptr) return 2;
+  auto channel = grpc::CreateCustomChannel(Target(), credentials, channel_args);
   v1::Inference::Stub stub(channel);
   if (command == "generate") {
     if (arg.empty() && absl::GetFlag(FLAGS_token_ids).empty()) {

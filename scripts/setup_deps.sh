@@ -10,6 +10,9 @@ PACKAGES=(
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev
   python3 python3-venv
   prometheus  # promtool and a real Prometheus server for the metrics tests (not started)
+  curl        # the Abseil source for the TSan build (scripts/sanitize.sh)
+  openssl     # test certificates of the TLS tests (tests/security)
+  clang libclang-rt-14-dev  # libFuzzer and its sanitizer runtimes (scripts/fuzz.sh)
 )
 
 missing=()

@@ -7,7 +7,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "google/protobuf/unknown_field_set.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
 #include "server/status_util.h"
@@ -41,40 +40,6 @@ std::string BufferBytes(const grpc::ByteBuffer& buffer) {
   return out;
 }
 
-// A string field of a request, by field numbers from the top (e.g. {6, 5} = stop.stop_strings).
-struct StringField {
-  std::vector<int> path;
-  const char* name;
-  bool repeated;
-};
-
-// The name (with index) of the first string field along `path` whose bytes are not UTF-8, and
-// the offset of the bad byte; empty when none.
-std::string FindBadString(const std::string& bytes, const StringField& field, size_t depth,
-                          int64_t* offset) {
-  google::protobuf::UnknownFieldSet fields;
-  if (!fields.ParseFromString(bytes)) return "";
-  int index = 0;
-  for (int i = 0; i < fields.field_count(); ++i) {
-    const google::protobuf::UnknownField& f = fields.field(i);
-    if (f.number() != field.path[depth] ||
-        f.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) {
-      continue;
-    }
-    if (depth + 1 < field.path.size()) {
-      std::string found = FindBadString(f.length_delimited(), field, depth + 1, offset);
-      if (!found.empty()) return found;
-      continue;
-    }
-    if (const int64_t bad = FindInvalidUtf8(f.length_delimited()); bad >= 0) {
-      *offset = bad;
-      return field.repeated ? absl::StrCat(field.name, "[", index, "]") : field.name;
-    }
-    ++index;
-  }
-  return "";
-}
-
 // Parses a request; on failure, INVALID_ARGUMENT naming the field with invalid UTF-8, if any.
 template <typename Message>
 grpc::Status ParseRequest(const grpc::ByteBuffer& buffer, Message* message,
@@ -83,19 +48,8 @@ grpc::Status ParseRequest(const grpc::ByteBuffer& buffer, Message* message,
   if (grpc::GenericDeserialize<grpc::ProtoBufferReader, Message>(&copy, message).ok()) {
     return grpc::Status::OK;
   }
-  const std::string bytes = BufferBytes(buffer);
-  for (const StringField& field : string_fields) {
-    int64_t offset = -1;
-    const std::string name = FindBadString(bytes, field, 0, &offset);
-    if (!name.empty()) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          absl::StrCat(name, ": invalid UTF-8 at byte ", offset,
-                                       "; string fields must be valid UTF-8"));
-    }
-  }
-  return grpc::Status(
-      grpc::StatusCode::INVALID_ARGUMENT,
-      absl::StrCat("the request is not a valid ", Message::descriptor()->full_name(), " message"));
+  return ToGrpcStatus(
+      ExplainParseFailure(BufferBytes(buffer), string_fields, Message::descriptor()->full_name()));
 }
 
 absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
@@ -124,10 +78,14 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
       absl::MutexLock lock(&shared_->mu);
       shared_->observer = model->on_request(arrival_);
     }
+    if (grpc::Status auth = service_->Authenticate(*context_); !auth.ok()) {
+      absl::MutexLock lock(&shared_->mu);
+      request_id_ = absl::StrCat("req-", service_->next_request_number_.fetch_add(1));
+      FinishLocked(auth, "unauthenticated");
+      return;
+    }
     v1::GenerateRequest request;
-    const grpc::Status parsed = ParseRequest(
-        raw_request, &request,
-        {{{1}, "text", false}, {{4}, "request_id", false}, {{6, 5}, "stop.stop_strings", true}});
+    const grpc::Status parsed = ParseRequest(raw_request, &request, kGenerateRequestStringFields);
     if (!parsed.ok()) {
       absl::MutexLock lock(&shared_->mu);
       request_id_ = absl::StrCat("req-", service_->next_request_number_.fetch_add(1));
@@ -469,6 +427,21 @@ void InferenceService::SetModel(ServingModel model) {
 
 void InferenceService::StartDrain() { draining_.store(true, std::memory_order_release); }
 
+grpc::Status InferenceService::Authenticate(const grpc::CallbackServerContext& context) const {
+  if (!auth_.has_value()) return grpc::Status::OK;
+  const auto& metadata = context.client_metadata();
+  const auto found = metadata.find("authorization");
+  if (found == metadata.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing `authorization: Bearer <token>` metadata");
+  }
+  if (metadata.count("authorization") != 1 ||
+      !auth_->Check(absl::string_view(found->second.data(), found->second.size()))) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid bearer token");
+  }
+  return grpc::Status::OK;
+}
+
 const ServingModel* InferenceService::ModelOrStatus(grpc::Status* status) const {
   if (draining_.load(std::memory_order_acquire)) {
     *status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
@@ -538,6 +511,10 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
                                                      const grpc::ByteBuffer* raw_request,
                                                      grpc::ByteBuffer* raw_response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   v1::TokenizeRequest parsed_request;
   grpc::Status status = ParseRequest(raw_request ? *raw_request : grpc::ByteBuffer(),
                                      &parsed_request, {{{1}, "text", false}});
@@ -584,6 +561,10 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
                                                        const v1::DetokenizeRequest* request,
                                                        v1::DetokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   grpc::Status status;
   const ServingModel* model = ModelWithTokenizerOrStatus(&status);
   if (model == nullptr) {
@@ -591,6 +572,13 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
     return reactor;
   }
   const int32_t vocab = model->limits.vocab_size;
+  if (request->token_ids_size() > model->limits.context_length) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("token_ids: ", request->token_ids_size(),
+                                              " ids is not allowed; at most the context length, ",
+                                              model->limits.context_length)));
+    return reactor;
+  }
   for (int i = 0; i < request->token_ids_size(); ++i) {
     const int32_t id = request->token_ids(i);
     if (id < 0 || id >= vocab) {
@@ -617,6 +605,10 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
                                                          const v1::GetModelInfoRequest* request,
                                                          v1::ModelInfo* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   grpc::Status status;
   const ServingModel* model = ModelOrStatus(&status);
   if (model != nullptr) *response = model->info;
@@ -658,6 +650,10 @@ grpc::ServerUnaryReactor* InferenceService::GetExpertStats(grpc::CallbackServerC
                                                            const v1::GetExpertStatsRequest* request,
                                                            v1::ExpertStats* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   grpc::Status status;
   const ServingModel* model = ModelOrStatus(&status);
   if (model == nullptr) {

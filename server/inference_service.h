@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
@@ -22,6 +23,7 @@
 #include "engine/engine.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "moe/serving/v1/inference.grpc.pb.h"
+#include "server/auth.h"
 #include "server/expert_stats.h"
 #include "server/request_validation.h"
 #include "server/server_hooks.h"
@@ -56,6 +58,8 @@ class InferenceService final : public InferenceServiceBase {
   void SetModel(ServingModel model);
   // Write one log line per finished request to stderr (default on).
   void set_log_requests(bool on) { log_requests_ = on; }
+  // Require `authorization: Bearer <token>` on every call of this service (before Start).
+  void set_auth(std::optional<BearerAuth> auth) { auth_ = std::move(auth); }
   // Refuses new Generate calls with UNAVAILABLE from now on.
   void StartDrain();
   // Generate calls not yet done.
@@ -84,6 +88,8 @@ class InferenceService final : public InferenceServiceBase {
   class GenerateCall;
   friend class GenerateCall;
 
+  // OK without authentication or with a valid token; else UNAUTHENTICATED.
+  grpc::Status Authenticate(const grpc::CallbackServerContext& context) const;
   // Null while loading or draining (with the status to answer).
   const ServingModel* ModelOrStatus(grpc::Status* status) const;
   // ModelOrStatus, and FAILED_PRECONDITION when the model has no tokenizer.
@@ -101,6 +107,7 @@ class InferenceService final : public InferenceServiceBase {
   std::atomic<bool> ready_{false};
   std::atomic<bool> draining_{false};
   bool log_requests_ = true;
+  std::optional<BearerAuth> auth_;
   std::atomic<int64_t> next_request_number_{1};
 
   mutable absl::Mutex mu_;

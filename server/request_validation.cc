@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/common/status_macros.h"
 #include "engine/sampling/sampling_params.h"
+#include "google/protobuf/unknown_field_set.h"
 
 namespace moe::server {
 namespace {
@@ -88,6 +89,11 @@ absl::Status CheckStop(const v1::StopParams& in, int32_t vocab, int32_t max_new_
     out.min_tokens = in.min_tokens();
   }
   out.ignore_eos = in.ignore_eos();
+  if (in.stop_token_ids_size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop.stop_token_ids: ", in.stop_token_ids_size(),
+                     " stop token ids is not allowed; at most ", kMaxStopTokenIds));
+  }
   for (int i = 0; i < in.stop_token_ids_size(); ++i) {
     const int32_t id = in.stop_token_ids(i);
     if (id < 0 || id >= vocab) {
@@ -128,7 +134,65 @@ absl::Status CheckStop(const v1::StopParams& in, int32_t vocab, int32_t max_new_
   return absl::OkStatus();
 }
 
+// The name (with index) of the first string field along `path` whose bytes are not UTF-8, and
+// the offset of the bad byte; empty when none.
+std::string FindBadString(const std::string& bytes, const StringField& field, size_t depth,
+                          int64_t* offset) {
+  google::protobuf::UnknownFieldSet fields;
+  if (!fields.ParseFromString(bytes)) return "";
+  int index = 0;
+  for (int i = 0; i < fields.field_count(); ++i) {
+    const google::protobuf::UnknownField& f = fields.field(i);
+    if (f.number() != field.path[depth] ||
+        f.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) {
+      continue;
+    }
+    if (depth + 1 < field.path.size()) {
+      std::string found = FindBadString(f.length_delimited(), field, depth + 1, offset);
+      if (!found.empty()) return found;
+      continue;
+    }
+    if (const int64_t bad = FindInvalidUtf8(f.length_delimited()); bad >= 0) {
+      *offset = bad;
+      return field.repeated ? absl::StrCat(field.name, "[", index, "]") : field.name;
+    }
+    ++index;
+  }
+  return "";
+}
+
 }  // namespace
+
+const std::initializer_list<StringField> kGenerateRequestStringFields = {
+    {{1}, "text", false}, {{4}, "request_id", false}, {{6, 5}, "stop.stop_strings", true}};
+
+absl::Status ExplainParseFailure(const std::string& bytes,
+                                 std::initializer_list<StringField> string_fields,
+                                 const std::string& message_name) {
+  for (const StringField& field : string_fields) {
+    int64_t offset = -1;
+    const std::string name = FindBadString(bytes, field, 0, &offset);
+    if (!name.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(name, ": invalid UTF-8 at byte ", offset,
+                                                     "; string fields must be valid UTF-8"));
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("the request is not a valid ", message_name, " message"));
+}
+
+absl::StatusOr<GenerateRequest> ParseGenerateRequest(const std::string& bytes,
+                                                     const Tokenizer* tokenizer,
+                                                     const RequestLimits& limits,
+                                                     v1::GenerateRequest* parsed) {
+  v1::GenerateRequest local;
+  v1::GenerateRequest& request = parsed != nullptr ? *parsed : local;
+  if (!request.ParseFromString(bytes)) {
+    return ExplainParseFailure(bytes, kGenerateRequestStringFields,
+                               v1::GenerateRequest::descriptor()->full_name());
+  }
+  return BuildEngineRequest(request, tokenizer, limits);
+}
 
 int64_t FindInvalidUtf8(const std::string& text) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
@@ -197,6 +261,12 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
       if (text.empty()) {
         return absl::InvalidArgumentError(
             "text: the empty prompt is not allowed; give at least one character (or token_ids)");
+      }
+      if (limits.max_prompt_text_bytes > 0 &&
+          static_cast<int64_t>(text.size()) > limits.max_prompt_text_bytes) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "text: ", text.size(), " bytes is too long; at most ", limits.max_prompt_text_bytes,
+            " bytes (max_prompt_tokens x ", kMaxPromptBytesPerToken, ")"));
       }
       if (const int64_t bad = FindInvalidUtf8(text); bad >= 0) {
         return absl::InvalidArgumentError(absl::StrCat("text: invalid UTF-8 at byte ", bad,

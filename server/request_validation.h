@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
@@ -17,11 +19,40 @@ struct RequestLimits {
   int32_t vocab_size = 0;
   int32_t context_length = 0;     // prompt + max_tokens at most
   int32_t max_prompt_tokens = 0;  // <= context_length - 1
+  // Bytes of a text prompt at most, checked before it is encoded (0 = no limit; the server
+  // sets max_prompt_tokens x kMaxPromptBytesPerToken).
+  int64_t max_prompt_text_bytes = 0;
 };
 
 inline constexpr int32_t kDefaultMaxTokens = 16;
 inline constexpr int32_t kMaxRequestIdBytes = 128;
 inline constexpr int32_t kMaxPriority = 1000;
+inline constexpr int32_t kMaxStopTokenIds = 1024;
+// Text longer than max_prompt_tokens x this many bytes cannot fit the prompt budget with any
+// real vocabulary; refusing it before encoding bounds the CPU a request can cost.
+inline constexpr int64_t kMaxPromptBytesPerToken = 64;
+
+// A string field of a request, by field numbers from the top (e.g. {6, 5} = stop.stop_strings).
+struct StringField {
+  std::vector<int> path;
+  const char* name;
+  bool repeated;
+};
+
+// The string fields of GenerateRequest whose UTF-8 the parser checks.
+extern const std::initializer_list<StringField> kGenerateRequestStringFields;
+
+// Why `bytes` did not parse as `message_name`: INVALID_ARGUMENT naming the first of
+// `string_fields` that holds invalid UTF-8, else a generic INVALID_ARGUMENT.
+absl::Status ExplainParseFailure(const std::string& bytes,
+                                 std::initializer_list<StringField> string_fields,
+                                 const std::string& message_name);
+
+// The whole server-side path of a Generate call's bytes: parse (as the service does), then
+// BuildEngineRequest. `parsed` (optional) receives the parsed message. Used by the fuzzer.
+absl::StatusOr<GenerateRequest> ParseGenerateRequest(
+    const std::string& bytes, const Tokenizer* tokenizer, const RequestLimits& limits,
+    serving::v1::GenerateRequest* parsed = nullptr);
 
 // `tokenizer` may be null (token-id prompts only).
 absl::StatusOr<GenerateRequest> BuildEngineRequest(const serving::v1::GenerateRequest& request,

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -64,20 +65,82 @@ std::string DefaultModelDir(const char* argv0) {
   return (exe.parent_path().parent_path() / "demo_model").string();
 }
 
+namespace {
+
+absl::StatusOr<std::string> ReadPemFile(const std::string& flag, const std::string& path) {
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(path, error)) {
+    return absl::NotFoundError(absl::StrCat("--", flag, "=", path, ": no such file"));
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("--", flag, "=", path, ": cannot be opened for reading"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  if (in.bad() || text.str().find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, "=", path, ": not a PEM file (no -----BEGIN line)"));
+  }
+  return text.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
+    const ServerOptions& options) {
+  const bool tls = !options.tls_cert_file.empty() || !options.tls_key_file.empty();
+  if (!tls) {
+    if (!options.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls_client_ca needs --tls_cert and --tls_key (mutual TLS is TLS)");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (options.tls_cert_file.empty() || options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
+  }
+  grpc::SslServerCredentialsOptions ssl;
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  ASSIGN_OR_RETURN(pair.cert_chain, ReadPemFile("tls_cert", options.tls_cert_file));
+  ASSIGN_OR_RETURN(pair.private_key, ReadPemFile("tls_key", options.tls_key_file));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!options.tls_client_ca_file.empty()) {
+    ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPemFile("tls_client_ca", options.tls_client_ca_file));
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<MoeServer>> MoeServer::Start(const ServerOptions& options) {
   std::unique_ptr<MoeServer> server(new MoeServer(options));
   server->service_.set_log_requests(options.log_requests);
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, MakeCredentials(options));
+  if (!options.auth_tokens.empty()) {
+    ASSIGN_OR_RETURN(BearerAuth auth, BearerAuth::Create(options.auth_tokens));
+    server->service_.set_auth(std::move(auth));
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   const std::string address = absl::StrCat(options.host, ":", options.port);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(address, credentials, &server->port_);
+  // No SO_REUSEPORT: a second server on a port in use must fail to start, not share the port
+  // (gRPC turns it on by default on Linux, which would split traffic between two processes).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(&server->service_);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("could not listen on ", address));
+    return absl::UnavailableError(absl::StrCat(
+        "could not listen on ", address,
+        " (is the port already in use, or the address not one of this machine's?",
+        options.tls_cert_file.empty()
+            ? ")"
+            : " Or are --tls_cert/--tls_key not a valid, matching certificate and key? See "
+              "gRPC's error above)"));
   }
   server->SetServing(false);
   return server;
@@ -127,6 +190,7 @@ absl::Status MoeServer::LoadModel() {
   engine_options.runner.kv_cache_bytes = options_.kv_cache_bytes;
   engine_options.runner.block_size = options_.kv_block_size;
   engine_options.runner.num_threads = options_.num_threads;
+  engine_options.runner.cpu_bf16_activations = options_.cpu_bf16_activations;
   engine_options.scheduler.max_num_seqs = options_.max_num_seqs;
   engine_options.scheduler.max_num_batched_tokens = options_.max_num_batched_tokens;
   engine_options.scheduler.enable_chunked_prefill = options_.enable_chunked_prefill;
@@ -221,8 +285,10 @@ absl::Status MoeServer::LoadModel() {
   model_.engine = engine_.get();
   model_.tokenizer = tokenizer_.get();
   model_.expert_stats = expert_stats_.get();
-  model_.limits = RequestLimits{
-      .vocab_size = config.vocab_size, .context_length = context, .max_prompt_tokens = max_prompt};
+  model_.limits = RequestLimits{.vocab_size = config.vocab_size,
+                                .context_length = context,
+                                .max_prompt_tokens = max_prompt,
+                                .max_prompt_text_bytes = max_prompt * kMaxPromptBytesPerToken};
   service_.SetModel(model_);
   SetServing(true);
   return absl::OkStatus();

@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -35,6 +36,7 @@ struct ServerOptions {
   int64_t kv_cache_bytes = 256ll << 20;  // paged KV pool budget
   int32_t kv_block_size = 16;
   int32_t num_threads = 0;               // CPU backend threads; 0 = all cores
+  bool cpu_bf16_activations = false;     // CPU backend: bf16 activations (lower precision)
   int32_t max_num_seqs = 64;             // running sequences at most
   int32_t max_num_batched_tokens = 512;  // tokens per engine step at most
   bool enable_chunked_prefill = true;
@@ -43,6 +45,13 @@ struct ServerOptions {
   int32_t max_model_len = 0;            // prompt + max_tokens; 0 = the model's
   int32_t max_prompt_tokens = 0;        // 0 = context length - 1
   int32_t max_message_bytes = 4 << 20;  // gRPC receive/send limit
+  // TLS for the gRPC port: PEM files. Both cert and key, or neither (plaintext). With
+  // tls_client_ca_file, clients must present a certificate signed by it (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  // Bearer tokens accepted by the Inference service; empty = no authentication.
+  std::vector<std::string> auth_tokens;
   absl::Duration drain_timeout = absl::Seconds(30);
   int64_t expert_stats_window_steps = 1000;
   std::optional<uint64_t> base_seed;

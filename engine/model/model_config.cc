@@ -269,6 +269,13 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
                                 config.num_kv_heads, ")"));
   }
   if (config.head_dim % 2 != 0) return invalid("head_dim must be even for RoPE");
+  // Each size is at most 2^30 (Int above), but the decoder multiplies heads x head_dim in
+  // int32 (q_dim, kv_dim): refuse products that overflow (found by fuzz/model_config_fuzzer).
+  constexpr int64_t kMaxDimension = int64_t{1} << 30;
+  if (int64_t{config.num_heads} * config.head_dim > kMaxDimension) {
+    return invalid(absl::StrCat("num_attention_heads x head_dim (", config.num_heads, " x ",
+                                config.head_dim, ") is larger than ", kMaxDimension));
+  }
   if (config.num_moe_layers() > 0) {
     if (config.num_experts <= 0 || config.top_k <= 0 || config.top_k > config.num_experts) {
       return invalid(absl::StrCat("num_experts_per_tok (", config.top_k,

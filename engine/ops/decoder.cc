@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
+#include "engine/backend/cpu/cpu_backend.h"
 #include "engine/common/status_macros.h"
 #include "engine/model/loaded_model.h"
 #include "engine/ops/model_runner.h"
@@ -15,16 +16,16 @@ namespace {
 struct Activations {
   int64_t capacity_tokens = 0;
   int64_t capacity_logits = 0;
-  DeviceBuffer hidden;      // [tokens, hidden] residual stream
-  DeviceBuffer normed;      // [tokens, hidden]
-  DeviceBuffer q;           // [tokens, q_dim]
-  DeviceBuffer k;           // [tokens, kv_dim]
-  DeviceBuffer v;           // [tokens, kv_dim]
-  DeviceBuffer attention;   // [tokens, q_dim]
-  DeviceBuffer mlp_out;     // [tokens, hidden]
-  DeviceBuffer shared_out;  // [tokens, hidden]
-  DeviceBuffer expert_ids;      // [tokens, top_k] int32
-  DeviceBuffer expert_weights;  // [tokens, top_k]
+  DeviceBuffer hidden;          // [tokens, hidden] residual stream
+  DeviceBuffer normed;          // [tokens, hidden]
+  DeviceBuffer q;               // [tokens, q_dim]
+  DeviceBuffer k;               // [tokens, kv_dim]
+  DeviceBuffer v;               // [tokens, kv_dim]
+  DeviceBuffer attention;       // [tokens, q_dim]
+  DeviceBuffer mlp_out;         // [tokens, hidden]
+  DeviceBuffer shared_out;      // [tokens, hidden]
+  DeviceBuffer expert_ids;      // [moe_layers, tokens, top_k] int32
+  DeviceBuffer expert_weights;  // [moe_layers, tokens, top_k]
   DeviceBuffer last_hidden;     // [logit rows, hidden]
   DeviceBuffer logits;          // [logit rows, vocab]
 };
@@ -64,10 +65,16 @@ class DecoderRunner final : public ModelRunner {
     const Matrix attention = matrix(act_.attention, tokens, config.q_dim());
     const Matrix mlp_out = matrix(act_.mlp_out, tokens, hidden_size);
     const Matrix shared_out = matrix(act_.shared_out, tokens, hidden_size);
-    const RoutingResult routing{act_.expert_ids.as<int32_t>(), act_.expert_weights.as<float>()};
 
     ForwardOutput output;
     StepRouting& record = output.routing;
+    // The backend may fill the statistics asynchronously until the step's Synchronize, so
+    // their storage must not move: reserve every MoE layer up front.
+    const int32_t moe_layers = config.num_moe_layers();
+    record.probability_mass.reserve(moe_layers);
+    record.router_z_sum.reserve(moe_layers);
+    const int64_t routing_stride = tokens * config.top_k;  // one MoE layer's [tokens, top_k]
+    int32_t moe_index = 0;
     AttentionParams attention_params{.num_heads = config.num_heads,
                                      .num_kv_heads = config.num_kv_heads,
                                      .head_dim = config.head_dim,
@@ -109,10 +116,13 @@ class DecoderRunner final : public ModelRunner {
       RETURN_IF_ERROR(
           backend_->RmsNorm(hidden, *layer.post_attention_norm, config.rms_norm_eps, normed));
       if (layer.is_moe) {
+        const RoutingResult routing{act_.expert_ids.as<int32_t>() + moe_index * routing_stride,
+                                    act_.expert_weights.as<float>() + moe_index * routing_stride};
+        ++moe_index;
         std::vector<double>& mass = record.probability_mass.emplace_back(config.num_experts, 0.0);
         double& z_sum = record.router_z_sum.emplace_back(0.0);
-        RETURN_IF_ERROR(backend_->Route(normed, *layer.router, config.top_k,
-                                        config.norm_topk_prob, routing, mass, &z_sum));
+        RETURN_IF_ERROR(backend_->Route(normed, *layer.router, config.top_k, config.norm_topk_prob,
+                                        routing, mass, &z_sum));
         RETURN_IF_ERROR(backend_->Fill(mlp_out, 0.0f));
         RETURN_IF_ERROR(
             backend_->MoeExperts(normed, layer.experts, config.top_k, routing, mlp_out));
@@ -121,37 +131,44 @@ class DecoderRunner final : public ModelRunner {
           RETURN_IF_ERROR(
               backend_->AddGated(normed, *layer.shared_expert_gate, shared_out, mlp_out));
         }
-        RETURN_IF_ERROR(RecordRouting(tokens, routing, record));
       } else {
         RETURN_IF_ERROR(backend_->SwigluMlp(normed, layer.dense_mlp, mlp_out));
       }
       RETURN_IF_ERROR(backend_->AddInPlace(hidden, mlp_out));
     }
 
+    const Matrix logits = matrix(act_.logits, logit_rows, config.vocab_size);
     if (logit_rows > 0) {
       const Matrix last_hidden = matrix(act_.last_hidden, logit_rows, hidden_size);
-      const Matrix logits = matrix(act_.logits, logit_rows, config.vocab_size);
       RETURN_IF_ERROR(backend_->GatherRows(hidden, batch.logits_rows, last_hidden));
       RETURN_IF_ERROR(
           backend_->RmsNorm(last_hidden, *weights.final_norm, config.rms_norm_eps, last_hidden));
       RETURN_IF_ERROR(backend_->Linear(last_hidden, *weights.lm_head, nullptr, logits));
+    }
+    // The step's only host synchronisation, then the copies of routing and logits.
+    RETURN_IF_ERROR(RecordRouting(routing_stride, moe_layers, record));
+    if (logit_rows > 0) {
       output.logits.resize(logit_rows * config.vocab_size);
-      RETURN_IF_ERROR(backend_->Synchronize());
       RETURN_IF_ERROR(backend_->CopyToHost(output.logits.data(), logits.data,
                                            output.logits.size() * sizeof(float)));
     }
-    RETURN_IF_ERROR(backend_->Synchronize());
     return output;
   }
 
  private:
-  absl::Status RecordRouting(int64_t tokens, const RoutingResult& routing, StepRouting& record) {
-    const int64_t count = tokens * model_->config.top_k;
-    std::vector<int32_t>& ids = record.expert_ids.emplace_back(count);
-    std::vector<float>& weights = record.expert_weights.emplace_back(count);
+  // Copies every MoE layer's expert ids and weights ([tokens, top_k] each) to the record,
+  // after one Synchronize for the whole step.
+  absl::Status RecordRouting(int64_t stride, int32_t moe_layers, StepRouting& record) {
     RETURN_IF_ERROR(backend_->Synchronize());
-    RETURN_IF_ERROR(backend_->CopyToHost(ids.data(), routing.expert_ids, count * sizeof(int32_t)));
-    return backend_->CopyToHost(weights.data(), routing.expert_weights, count * sizeof(float));
+    for (int32_t m = 0; m < moe_layers; ++m) {
+      std::vector<int32_t>& ids = record.expert_ids.emplace_back(stride);
+      std::vector<float>& weights = record.expert_weights.emplace_back(stride);
+      RETURN_IF_ERROR(backend_->CopyToHost(ids.data(), act_.expert_ids.as<int32_t>() + m * stride,
+                                           stride * sizeof(int32_t)));
+      RETURN_IF_ERROR(backend_->CopyToHost(
+          weights.data(), act_.expert_weights.as<float>() + m * stride, stride * sizeof(float)));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Reserve(int64_t tokens, int64_t logit_rows) {
@@ -170,8 +187,10 @@ class DecoderRunner final : public ModelRunner {
       RETURN_IF_ERROR(grow(act_.attention, capacity * config.q_dim()));
       RETURN_IF_ERROR(grow(act_.mlp_out, capacity * config.hidden_size));
       RETURN_IF_ERROR(grow(act_.shared_out, capacity * config.hidden_size));
-      RETURN_IF_ERROR(grow(act_.expert_ids, capacity * std::max(1, config.top_k)));
-      RETURN_IF_ERROR(grow(act_.expert_weights, capacity * std::max(1, config.top_k)));
+      const int64_t routing_slots =
+          capacity * std::max(1, config.top_k) * std::max(1, config.num_moe_layers());
+      RETURN_IF_ERROR(grow(act_.expert_ids, routing_slots));
+      RETURN_IF_ERROR(grow(act_.expert_weights, routing_slots));
       act_.capacity_tokens = capacity;
     }
     if (logit_rows > act_.capacity_logits) {
@@ -191,10 +210,19 @@ class DecoderRunner final : public ModelRunner {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const ModelRunnerOptions& options) {
+absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(
+    const ModelRunnerOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<LoadedModel> model, LoadModel(options.model_dir));
-  ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
-                   CreateBackend(options.backend, options.num_threads));
+  std::unique_ptr<Backend> backend;
+  if (options.cpu_bf16_activations) {
+    if (options.backend != "cpu") {
+      return absl::InvalidArgumentError("bf16 activations need the cpu backend");
+    }
+    backend = CreateCpuBackend(
+        CpuBackendOptions{.num_threads = options.num_threads, .bf16_activations = true});
+  } else {
+    ASSIGN_OR_RETURN(backend, CreateBackend(options.backend, options.num_threads));
+  }
   RETURN_IF_ERROR(backend->PrepareWeights(model->weights));
   if (options.block_size <= 0 || options.block_size > 1024) {
     return absl::InvalidArgumentError(

@@ -18,6 +18,9 @@ struct ModelRunnerOptions {
   int64_t kv_cache_bytes = 64ll << 20;  // memory budget for the paged KV pool
   int32_t block_size = 16;        // tokens per KV block
   int32_t num_threads = 0;        // CPU worker threads; 0 = hardware concurrency
+  // CPU backend only, opt-in, lower precision: bf16 activations with AVX512-BF16 dot
+  // products (see CpuBackendOptions::bf16_activations).
+  bool cpu_bf16_activations = false;
 };
 
 class ModelRunner {

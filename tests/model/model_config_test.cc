@@ -76,6 +76,11 @@ TEST(ModelConfigTest, RefusesUnsupported) {
           "num_hidden_layers":1,"num_attention_heads":2,"num_experts":4,
           "num_experts_per_tok":2,"moe_intermediate_size":4,"use_sliding_window":true})", "use_sliding_window"},
       {R"([1,2])", "not a JSON object"},
+      // fuzz/model_config_fuzzer: q_dim() = 65536 * 65536 overflowed int32.
+      {R"({"architectures":["MixtralForCausalLM"],"vocab_size":10,"hidden_size":8,
+          "num_hidden_layers":1,"num_attention_heads":65536,"num_key_value_heads":65536,
+          "head_dim":65536,"num_local_experts":4,"num_experts_per_tok":2,
+          "intermediate_size":4})", "num_attention_heads x head_dim (65536 x 65536)"},
   };
   for (const auto& [json, message] : cases) {
     auto config = ParseModelConfig(json, "config.json");

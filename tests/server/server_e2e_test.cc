@@ -430,6 +430,16 @@ INSTANTIATE_TEST_SUITE_P(
                     [](auto& r) { r.mutable_stop()->add_stop_token_ids(-3); },
                     kInvalid,
                     {"stop.stop_token_ids[0]", "-3", "[0, 2505)"}},
+        InvalidCase{"TooManyStopTokenIds",
+                    [](auto& r) {
+                      for (int i = 0; i < 1025; ++i) r.mutable_stop()->add_stop_token_ids(1);
+                    },
+                    kInvalid,
+                    {"stop.stop_token_ids", "1025", "at most 1024"}},
+        InvalidCase{"PromptTextTooLong",
+                    [](auto& r) { r.set_text(std::string(64 * 64 + 1, 'a')); },
+                    kInvalid,
+                    {"text", "4097 bytes", "at most 4096 bytes"}},
         InvalidCase{"TooManyStopStrings",
                     [](auto& r) {
                       for (int i = 0; i < 17; ++i) r.mutable_stop()->add_stop_strings("x");

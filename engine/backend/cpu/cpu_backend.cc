@@ -41,13 +41,16 @@ struct ExpertGroup {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int32_t num_threads)
-      : pool_(num_threads > 0 ? num_threads
-                              : std::max(1, static_cast<int32_t>(std::thread::hardware_concurrency()))) {}
+  explicit CpuBackend(const CpuBackendOptions& options)
+      : pool_(options.num_threads > 0
+                  ? options.num_threads
+                  : std::max(1, static_cast<int32_t>(std::thread::hardware_concurrency()))),
+        bf16_activations_(options.bf16_activations && cpu::HasBf16DotProduct()) {}
 
   std::string name() const override { return "cpu"; }
   std::string device_description() const override {
-    return absl::StrCat("CPU, ", pool_.num_threads(), " threads, SIMD ", cpu::SelectedTarget());
+    return absl::StrCat("CPU, ", pool_.num_threads(), " threads, SIMD ", cpu::SelectedTarget(),
+                        bf16_activations_ ? ", bf16 activations (AVX512-BF16)" : "");
   }
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
@@ -82,8 +85,8 @@ class CpuBackend final : public Backend {
     widen(weights.embed_tokens);
     widen(weights.lm_head);
     for (const LayerWeights& layer : weights.layers) {
-      for (const TensorView* view : {layer.q, layer.k, layer.v, layer.o, layer.router,
-                                     layer.shared_expert_gate}) {
+      for (const TensorView* view :
+           {layer.q, layer.k, layer.v, layer.o, layer.router, layer.shared_expert_gate}) {
         widen(view);
       }
       for (const MlpWeights& expert : layer.experts) widen_mlp(expert);
@@ -111,7 +114,8 @@ class CpuBackend final : public Backend {
     const int64_t tokens = batch.num_tokens();
     if (batch.positions.size() != static_cast<size_t>(tokens) ||
         batch.slot_mapping.size() != static_cast<size_t>(tokens)) {
-      return absl::InvalidArgumentError("batch: token_ids, positions and slot_mapping differ in size");
+      return absl::InvalidArgumentError(
+          "batch: token_ids, positions and slot_mapping differ in size");
     }
     const int64_t num_slots = int64_t{kv_shape_.num_blocks} * kv_shape_.block_size;
     token_sequence_.assign(tokens, -1);
@@ -120,18 +124,18 @@ class CpuBackend final : public Backend {
       if (chunk.token_begin < 0 || chunk.num_tokens < 0 ||
           int64_t{chunk.token_begin} + chunk.num_tokens > tokens ||
           chunk.context_len < chunk.num_tokens) {
-        return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", chunk.seq_id,
-                                                       " has an invalid token range"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("batch: sequence ", chunk.seq_id, " has an invalid token range"));
       }
       if (static_cast<int64_t>(chunk.block_table.size()) * kv_shape_.block_size <
           chunk.context_len) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "batch: sequence ", chunk.seq_id, " block table too short for its context"));
+        return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", chunk.seq_id,
+                                                       " block table too short for its context"));
       }
       for (int32_t block : chunk.block_table) {
         if (block < 0 || block >= kv_shape_.num_blocks) {
-          return absl::InvalidArgumentError(absl::StrCat("batch: block id ", block,
-                                                         " outside the KV pool"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("batch: block id ", block, " outside the KV pool"));
         }
       }
       for (int32_t t = chunk.token_begin; t < chunk.token_begin + chunk.num_tokens; ++t) {
@@ -148,8 +152,8 @@ class CpuBackend final : public Backend {
         return absl::InvalidArgumentError(absl::StrCat("batch: token ", t, " has no sequence"));
       }
       if (batch.slot_mapping[t] < 0 || batch.slot_mapping[t] >= num_slots) {
-        return absl::InvalidArgumentError(absl::StrCat("batch: KV slot ", batch.slot_mapping[t],
-                                                       " outside the KV pool"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("batch: KV slot ", batch.slot_mapping[t], " outside the KV pool"));
       }
     }
     batch_ = &batch;
@@ -186,11 +190,26 @@ class CpuBackend final : public Backend {
 
   absl::Status Linear(Matrix x, const TensorView& weight, const TensorView* bias,
                       Matrix out) override {
+    return LinearImpl(x, weight, bias, out, /*allow_bf16_activations=*/true);
+  }
+
+  absl::Status LinearImpl(Matrix x, const TensorView& weight, const TensorView* bias, Matrix out,
+                          bool allow_bf16_activations) {
     const auto [data, type] = WeightData(weight);
-    pool_.ParallelFor(out.cols, 16, [&](int64_t begin, int64_t end) {
-      cpu::MatMulRows(x.data, x.stride, x.rows, data, type, x.cols, begin, end, out.data,
-                      out.stride);
-    });
+    if (allow_bf16_activations && UseBf16Activations(type)) {
+      // x: [rows, cols] -> bf16 once, then vdpbf16ps.
+      x_bf16_.resize(x.rows * x.cols);
+      cpu::FloatToBf16Rows(x.data, x.stride, x.rows, x.cols, x_bf16_.data(), x.cols);
+      pool_.ParallelFor(out.cols, 16, [&](int64_t begin, int64_t end) {
+        cpu::MatMulRowsBf16(x_bf16_.data(), x.cols, x.rows, static_cast<const uint16_t*>(data),
+                            x.cols, begin, end, out.data, out.stride);
+      });
+    } else {
+      pool_.ParallelFor(out.cols, 16, [&](int64_t begin, int64_t end) {
+        cpu::MatMulRows(x.data, x.stride, x.rows, data, type, x.cols, begin, end, out.data,
+                        out.stride);
+      });
+    }
     if (bias != nullptr) {
       for (int64_t r = 0; r < out.rows; ++r) {
         for (int64_t c = 0; c < out.cols; ++c) out.row(r)[c] += ElementAsFloat(*bias, c);
@@ -258,9 +277,8 @@ class CpuBackend final : public Backend {
         const int32_t kv_head = head / group;
         const SequenceChunk& chunk = batch_->sequences[token_sequence_[t]];
         const int32_t position = batch_->positions[t];
-        const int32_t first = params.sliding_window > 0
-                                  ? std::max(0, position - params.sliding_window + 1)
-                                  : 0;
+        const int32_t first =
+            params.sliding_window > 0 ? std::max(0, position - params.sliding_window + 1) : 0;
         const float* query = q.row(t) + int64_t{head} * params.head_dim;
         scores.resize(position - first + 1);
         float max_score = -std::numeric_limits<float>::infinity();
@@ -323,7 +341,10 @@ class CpuBackend final : public Backend {
                      double* router_z_sum) override {
     const int64_t experts = router.shape[0];
     router_logits_.resize(x.rows * experts);
-    RETURN_IF_ERROR(Linear(x, router, nullptr, Matrix::Dense(router_logits_.data(), x.rows, experts)));
+    // The router stays in fp32 even with bf16 activations: expert choices are discrete.
+    RETURN_IF_ERROR(LinearImpl(x, router, nullptr,
+                               Matrix::Dense(router_logits_.data(), x.rows, experts),
+                               /*allow_bf16_activations=*/false));
     std::vector<float> probabilities(experts);
     std::vector<int32_t> order(experts);
     for (int64_t t = 0; t < x.rows; ++t) {
@@ -367,7 +388,8 @@ class CpuBackend final : public Backend {
     for (int64_t a = 0; a < assignments; ++a) {
       const int32_t expert = routing.expert_ids[a];
       if (expert < 0 || expert >= num_experts) {
-        return absl::InternalError(absl::StrCat("router chose expert ", expert, " of ", num_experts));
+        return absl::InternalError(
+            absl::StrCat("router chose expert ", expert, " of ", num_experts));
       }
       ++offsets[expert + 1];
     }
@@ -400,7 +422,8 @@ class CpuBackend final : public Backend {
 
   absl::Status AddGated(Matrix x, const TensorView& gate, Matrix shared, Matrix out) override {
     std::vector<float> gate_logit(x.rows);
-    RETURN_IF_ERROR(Linear(x, gate, nullptr, Matrix::Dense(gate_logit.data(), x.rows, 1)));
+    RETURN_IF_ERROR(LinearImpl(x, gate, nullptr, Matrix::Dense(gate_logit.data(), x.rows, 1),
+                               /*allow_bf16_activations=*/false));
     for (int64_t t = 0; t < x.rows; ++t) {
       const float scale = 1.0f / (1.0f + std::exp(-gate_logit[t]));
       cpu::AxpyF32(scale, shared.row(t), out.row(t), out.cols);
@@ -411,7 +434,8 @@ class CpuBackend final : public Backend {
   absl::Status GatherRows(Matrix x, std::span<const int32_t> rows, Matrix out) override {
     for (size_t i = 0; i < rows.size(); ++i) {
       if (rows[i] < 0 || rows[i] >= x.rows) {
-        return absl::InvalidArgumentError(absl::StrCat("logits row ", rows[i], " outside the batch"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("logits row ", rows[i], " outside the batch"));
       }
       std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
     }
@@ -419,6 +443,10 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  bool UseBf16Activations(DType weight_type) const {
+    return bf16_activations_ && weight_type == DType::kBF16;
+  }
+
   std::pair<const void*, DType> WeightData(const TensorView& view) const {
     if (const auto it = widened_.find(&view); it != widened_.end()) {
       return {it->second.data(), DType::kF32};
@@ -444,6 +472,14 @@ class CpuBackend final : public Backend {
     activation_.resize(total_rows * max_ffn);
     up_.resize(total_rows * max_ffn);
     expert_out_.resize(total_rows * hidden);
+    // With bf16 activations (bf16 expert weights): gathered_ and activation_ rounded to bf16.
+    const bool bf16 = UseBf16Activations(groups.front().mlp->gate->dtype) &&
+                      !widened_.contains(groups.front().mlp->gate);
+    if (bf16) {
+      x_bf16_.resize(total_rows * hidden);
+      cpu::FloatToBf16Rows(gathered_.data(), hidden, total_rows, hidden, x_bf16_.data(), hidden);
+      activation_bf16_.resize(total_rows * max_ffn);
+    }
 
     // Runs body(group, local_begin, local_end) over the pieces of [begin, end) of a flattened
     // index space whose group g spans [starts[g], starts[g + 1]).
@@ -464,46 +500,72 @@ class CpuBackend final : public Backend {
         float* up_out = up_.data() + group.first_row * max_ffn;
         const auto [gate, gate_type] = WeightData(*group.mlp->gate);
         const auto [up, up_type] = WeightData(*group.mlp->up);
-        cpu::MatMulRows(x, hidden, group.num_rows, gate, gate_type, hidden, lo, hi, gate_out,
-                        max_ffn);
-        cpu::MatMulRows(x, hidden, group.num_rows, up, up_type, hidden, lo, hi, up_out, max_ffn);
+        if (bf16) {
+          const uint16_t* xb = x_bf16_.data() + group.first_row * hidden;
+          cpu::MatMulRowsBf16(xb, hidden, group.num_rows, static_cast<const uint16_t*>(gate),
+                              hidden, lo, hi, gate_out, max_ffn);
+          cpu::MatMulRowsBf16(xb, hidden, group.num_rows, static_cast<const uint16_t*>(up), hidden,
+                              lo, hi, up_out, max_ffn);
+        } else {
+          cpu::MatMulRows(x, hidden, group.num_rows, gate, gate_type, hidden, lo, hi, gate_out,
+                          max_ffn);
+          cpu::MatMulRows(x, hidden, group.num_rows, up, up_type, hidden, lo, hi, up_out, max_ffn);
+        }
         for (int64_t r = 0; r < group.num_rows; ++r) {
           for (int64_t c = lo; c < hi; ++c) {
             gate_out[r * max_ffn + c] = Silu(gate_out[r * max_ffn + c]) * up_out[r * max_ffn + c];
+          }
+          if (bf16) {
+            cpu::FloatToBf16Rows(gate_out + r * max_ffn + lo, max_ffn, 1, hi - lo,
+                                 activation_bf16_.data() + (group.first_row + r) * max_ffn + lo,
+                                 max_ffn);
           }
         }
       });
     });
     pool_.ParallelFor(hidden_begin.back(), 16, [&](int64_t begin, int64_t end) {
-      for_each_piece(hidden_begin, begin, end,
-                     [&](const ExpertGroup& group, int64_t lo, int64_t hi) {
-                       const int64_t ffn = group.mlp->down->shape[1];
-                       const auto [down, down_type] = WeightData(*group.mlp->down);
-                       cpu::MatMulRows(activation_.data() + group.first_row * max_ffn, max_ffn,
-                                       group.num_rows, down, down_type, ffn, lo, hi,
-                                       expert_out_.data() + group.first_row * hidden, hidden);
-                     });
+      for_each_piece(
+          hidden_begin, begin, end, [&](const ExpertGroup& group, int64_t lo, int64_t hi) {
+            const int64_t ffn = group.mlp->down->shape[1];
+            const auto [down, down_type] = WeightData(*group.mlp->down);
+            if (bf16) {
+              cpu::MatMulRowsBf16(activation_bf16_.data() + group.first_row * max_ffn, max_ffn,
+                                  group.num_rows, static_cast<const uint16_t*>(down), ffn, lo, hi,
+                                  expert_out_.data() + group.first_row * hidden, hidden);
+            } else {
+              cpu::MatMulRows(activation_.data() + group.first_row * max_ffn, max_ffn,
+                              group.num_rows, down, down_type, ffn, lo, hi,
+                              expert_out_.data() + group.first_row * hidden, hidden);
+            }
+          });
     });
   }
 
   cpu::ThreadPool pool_;
+  const bool bf16_activations_;  // requested and supported by this CPU
   absl::flat_hash_map<const TensorView*, std::vector<float>> widened_;
   KvCacheShape kv_shape_;
   std::vector<DeviceBuffer> keys_, values_;  // per layer: [blocks, block_size, kv_heads, head_dim]
   const ForwardBatch* batch_ = nullptr;
   std::vector<int32_t> token_sequence_;  // [tokens] index into batch_->sequences
   // Scratch.
-  std::vector<float> router_logits_;  // [tokens, experts]
-  std::vector<float> gathered_;       // [assignments, hidden] inputs grouped by expert
-  std::vector<float> activation_;     // [assignments, ffn] silu(gate) * up
-  std::vector<float> up_;             // [assignments, ffn]
-  std::vector<float> expert_out_;     // [assignments, hidden]
+  std::vector<float> router_logits_;       // [tokens, experts]
+  std::vector<float> gathered_;            // [assignments, hidden] inputs grouped by expert
+  std::vector<float> activation_;          // [assignments, ffn] silu(gate) * up
+  std::vector<float> up_;                  // [assignments, ffn]
+  std::vector<float> expert_out_;          // [assignments, hidden]
+  std::vector<uint16_t> x_bf16_;           // bf16 activations: [rows, cols] input of a matmul
+  std::vector<uint16_t> activation_bf16_;  // bf16 activations: [assignments, ffn]
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> CreateCpuBackend(int32_t num_threads) {
-  return std::make_unique<CpuBackend>(num_threads);
+  return std::make_unique<CpuBackend>(CpuBackendOptions{.num_threads = num_threads});
+}
+
+std::unique_ptr<Backend> CreateCpuBackend(const CpuBackendOptions& options) {
+  return std::make_unique<CpuBackend>(options);
 }
 
 }  // namespace moe

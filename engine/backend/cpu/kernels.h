@@ -19,6 +19,19 @@ float DotF32(const float* a, const float* b, int64_t n);
 // y += alpha * x
 void AxpyF32(float alpha, const float* x, float* y, int64_t n);
 
+// ---- bf16 activations (an opt-in, lower-precision path; kernels_bf16.cc) ----------------
+// Whether this CPU has AVX512-BF16 dot products (vdpbf16ps); the two functions below are
+// usable only then (FloatToBf16Rows always).
+bool HasBf16DotProduct();
+// As MatMulRows for bf16 weights, with x already rounded to bf16 ([tokens, x_stride]): pairs
+// of products summed by vdpbf16ps into fp32 accumulators. Each (row, token) output is the
+// same computation whatever the batch, as in MatMulRows.
+void MatMulRowsBf16(const uint16_t* x, int64_t x_stride, int64_t tokens, const uint16_t* weight,
+                    int64_t in, int64_t row_begin, int64_t row_end, float* out, int64_t out_stride);
+// out[r][c] = bf16(x[r][c]), round to nearest even. x: [rows, x_stride], out: [rows, out_stride]
+void FloatToBf16Rows(const float* x, int64_t x_stride, int64_t rows, int64_t cols, uint16_t* out,
+                     int64_t out_stride);
+
 // Name of the instruction set the dispatcher picked, e.g. "AVX3".
 const char* SelectedTarget();
 

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (clang, ASan + UBSan + libFuzzer, every library instrumented) in
+# a separate build directory and runs each for a bounded time from its committed seed corpus
+# (fuzz/corpus/<target>/, never written to: new inputs go to $BUILD_DIR/corpus/<target>/).
+# Exit status non-zero when a target finds a crash, leak or failed check; the reproducer is in
+# $BUILD_DIR/artifacts/<target>/ (turn it into a GoogleTest regression test).
+#
+#   scripts/fuzz.sh                      # all targets, FUZZ_SECONDS (default 25) each
+#   FUZZ_SECONDS=300 scripts/fuzz.sh safetensors generate_request
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD_DIR="${MOE_FUZZ_BUILD_DIR:-build-fuzz}"
+SECONDS_EACH="${FUZZ_SECONDS:-25}"
+TARGETS=("$@")
+if ((${#TARGETS[@]} == 0)); then
+  TARGETS=(tokenizer tokenizer_json model_config safetensors generate_request)
+fi
+
+bash scripts/setup_deps.sh
+FLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined"
+FLAGS+=" -fno-omit-frame-pointer -g"
+start=$(date +%s)
+mkdir -p "$BUILD_DIR"
+CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DMOE_WITH_CUDA=OFF -DMOE_BUILD_FUZZERS=ON -DMOE_BUILD_TESTS=OFF \
+  -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS" > "$BUILD_DIR/configure.log" 2>&1 ||
+  { cat "$BUILD_DIR/configure.log"; exit 1; }
+cmake --build "$BUILD_DIR" -j "$(nproc)" --target "${TARGETS[@]/%/_fuzzer}"
+echo "fuzz: build took $(($(date +%s) - start)) s"
+
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:symbolize=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+failed=()
+for target in "${TARGETS[@]}"; do
+  corpus="$BUILD_DIR/corpus/$target"
+  artifacts="$BUILD_DIR/artifacts/$target"
+  mkdir -p "$corpus" "$artifacts"
+  log="$BUILD_DIR/fuzz-$target.log"
+  t0=$(date +%s)
+  if "$BUILD_DIR/fuzz/${target}_fuzzer" -max_total_time="$SECONDS_EACH" -timeout=10 \
+      -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+      -artifact_prefix="$artifacts/" "$corpus" "fuzz/corpus/$target" > "$log" 2>&1; then
+    runs=$(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')
+    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1)
+    echo "fuzz: $target ok: ${runs:-?} runs in $(($(date +%s) - t0)) s, $cov"
+  else
+    echo "fuzz: $target FAILED (log $log, reproducer in $artifacts/):"
+    grep -E "ERROR|check failed|runtime error|SUMMARY" "$log" | head -20 || tail -30 "$log"
+    failed+=("$target")
+  fi
+done
+echo "fuzz: total $(($(date +%s) - start)) s"
+if ((${#failed[@]})); then
+  echo "fuzz: findings in ${failed[*]}"
+  exit 1
+fi

@@ -1,0 +1,211 @@
+// CPU backend kernels and thread pool: exactness of the fp32 path, batch invariance (a token's
+// result never depends on which tile or batch computed it), the opt-in bf16-activation path's
+// error bound, and ParallelFor covering every index exactly once.
+#include <atomic>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "engine/backend/cpu/kernels.h"
+#include "engine/backend/cpu/thread_pool.h"
+#include "engine/model/dtype.h"
+#include "engine/ops/model_runner.h"
+#include "engine/ops/offline_batch.h"
+#include "gtest/gtest.h"
+
+namespace moe {
+namespace {
+
+struct Problem {
+  int64_t tokens, in, rows;
+  std::vector<float> x;      // [tokens, in]
+  std::vector<uint16_t> w;   // [rows, in] bf16
+  std::vector<float> w_f32;  // the same values as f32
+};
+
+Problem MakeProblem(int64_t tokens, int64_t in, int64_t rows, uint32_t seed) {
+  Problem p{tokens, in, rows, {}, {}, {}};
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  p.x.resize(tokens * in);
+  for (float& v : p.x) v = dist(rng);
+  p.w.resize(rows * in);
+  p.w_f32.resize(rows * in);
+  for (int64_t i = 0; i < rows * in; ++i) {
+    p.w[i] = FloatToBf16(dist(rng));
+    p.w_f32[i] = Bf16ToFloat(p.w[i]);
+  }
+  return p;
+}
+
+// out[t][r] in double.
+std::vector<double> Reference(const Problem& p, const std::vector<float>& x) {
+  std::vector<double> out(p.tokens * p.rows);
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      double sum = 0;
+      for (int64_t k = 0; k < p.in; ++k) sum += double(x[t * p.in + k]) * p.w_f32[r * p.in + k];
+      out[t * p.rows + r] = sum;
+    }
+  }
+  return out;
+}
+
+std::vector<float> RunFp32(const Problem& p, DType type, int64_t token_begin, int64_t tokens) {
+  std::vector<float> out(tokens * p.rows);
+  const void* w = type == DType::kBF16 ? static_cast<const void*>(p.w.data()) : p.w_f32.data();
+  cpu::MatMulRows(p.x.data() + token_begin * p.in, p.in, tokens, w, type, p.in, 0, p.rows,
+                  out.data(), p.rows);
+  return out;
+}
+
+class MatMulShapes : public ::testing::TestWithParam<std::tuple<int, int, int>> {};
+
+TEST_P(MatMulShapes, Fp32PathIsAccurateAndBatchInvariant) {
+  const auto [tokens, in, rows] = GetParam();
+  const Problem p = MakeProblem(tokens, in, rows, 7);
+  const std::vector<double> ref = Reference(p, p.x);
+  const std::vector<float> all = RunFp32(p, DType::kBF16, 0, tokens);
+  for (int64_t i = 0; i < tokens * rows; ++i) {
+    EXPECT_NEAR(all[i], ref[i], 1e-5 * std::sqrt(double(in))) << i;
+  }
+  // f32 weights holding the same values: bit-identical.
+  EXPECT_EQ(RunFp32(p, DType::kF32, 0, tokens), all);
+  // Every token alone (decode tiles) and in odd-sized sub-batches: bit-identical.
+  for (int64_t t = 0; t < tokens; ++t) {
+    const std::vector<float> one = RunFp32(p, DType::kBF16, t, 1);
+    for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(one[r], all[t * rows + r]) << t << "," << r;
+  }
+  for (int64_t begin = 0; begin < tokens; begin += 3) {
+    const int64_t n = std::min<int64_t>(3, tokens - begin);
+    const std::vector<float> some = RunFp32(p, DType::kBF16, begin, n);
+    for (int64_t i = 0; i < n * rows; ++i) ASSERT_EQ(some[i], all[begin * rows + i]);
+  }
+  // Split rows (as threads do): the same values.
+  std::vector<float> split(tokens * rows);
+  for (int64_t r0 = 0; r0 < rows; r0 += 5) {
+    cpu::MatMulRows(p.x.data(), in, tokens, p.w.data(), DType::kBF16, in, r0,
+                    std::min<int64_t>(rows, r0 + 5), split.data(), rows);
+  }
+  EXPECT_EQ(split, all);
+}
+
+TEST_P(MatMulShapes, Bf16ActivationPathIsCloseAndBatchInvariant) {
+  if (!cpu::HasBf16DotProduct()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const auto [tokens, in, rows] = GetParam();
+  const Problem p = MakeProblem(tokens, in, rows, 11);
+  std::vector<uint16_t> xb(tokens * in);
+  cpu::FloatToBf16Rows(p.x.data(), in, tokens, in, xb.data(), in);
+  std::vector<float> x_rounded(tokens * in);
+  for (int64_t i = 0; i < tokens * in; ++i) {
+    ASSERT_EQ(xb[i], FloatToBf16(p.x[i]));  // round to nearest even, as the scalar helper
+    x_rounded[i] = Bf16ToFloat(xb[i]);
+  }
+  auto run = [&](int64_t begin, int64_t n) {
+    std::vector<float> out(n * rows);
+    cpu::MatMulRowsBf16(xb.data() + begin * in, in, n, p.w.data(), in, 0, rows, out.data(), rows);
+    return out;
+  };
+  const std::vector<float> all = run(0, tokens);
+  // Against the exact products of the rounded activations: only fp32 summation error.
+  const std::vector<double> ref_rounded = Reference(p, x_rounded);
+  // Against the unrounded activations: bf16 rounding of x (2^-9 relative per element).
+  const std::vector<double> ref = Reference(p, p.x);
+  for (int64_t i = 0; i < tokens * rows; ++i) {
+    EXPECT_NEAR(all[i], ref_rounded[i], 1e-5 * std::sqrt(double(in))) << i;
+    EXPECT_NEAR(all[i], ref[i], 4e-3 * std::sqrt(double(in))) << i;
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    const std::vector<float> one = run(t, 1);
+    for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(one[r], all[t * rows + r]) << t << "," << r;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MatMulShapes,
+                         ::testing::Values(std::make_tuple(1, 64, 4), std::make_tuple(3, 100, 9),
+                                           std::make_tuple(4, 1024, 8), std::make_tuple(9, 333, 13),
+                                           std::make_tuple(37, 2816, 21),
+                                           std::make_tuple(150, 1024, 6)));
+
+TEST(ThreadPoolTest, EveryIndexExactlyOnce) {
+  cpu::ThreadPool pool(3);
+  std::mt19937 rng(3);
+  for (int iteration = 0; iteration < 2000; ++iteration) {
+    const int64_t count = std::uniform_int_distribution<int64_t>(1, 5000)(rng);
+    const int64_t grain = std::uniform_int_distribution<int64_t>(1, 64)(rng);
+    std::vector<std::atomic<int>> hits(count);
+    pool.ParallelFor(count, grain, [&](int64_t begin, int64_t end) {
+      ASSERT_TRUE(begin % grain == 0 || begin == 0);
+      for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1);
+    });
+    for (int64_t i = 0; i < count; ++i) ASSERT_EQ(hits[i].load(), 1) << iteration << " " << i;
+  }
+}
+
+TEST(ThreadPoolTest, WorkersThatSleptWakeUp) {
+  cpu::ThreadPool pool(2);
+  for (int round = 0; round < 3; ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // workers go to sleep
+    std::atomic<int64_t> sum{0};
+    pool.ParallelFor(1000, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) sum += i;
+    });
+    EXPECT_EQ(sum.load(), 999 * 1000 / 2);
+  }
+}
+
+// ---- whole model: the opt-in bf16-activation path -------------------------------------------
+
+std::vector<float> Logits(bool bf16_activations, bool packed) {
+  ModelRunnerOptions options;
+  options.model_dir = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/models/mixtral";
+  options.kv_cache_bytes = 4 << 20;
+  options.num_threads = 2;
+  options.cpu_bf16_activations = bf16_activations;
+  auto runner = ModelRunner::Create(options);
+  EXPECT_TRUE(runner.ok()) << runner.status();
+  if (!runner.ok()) return {};
+  const std::vector<std::vector<int32_t>> prompts = {{3, 14, 15, 92, 65, 35, 89, 79, 32, 38},
+                                                     {2, 71, 82, 81, 82, 8}};
+  OfflineBatcher batcher((*runner)->block_size(), (*runner)->num_blocks());
+  std::vector<float> logits;
+  ForwardBatch batch;
+  for (size_t s = 0; s < prompts.size(); ++s) {
+    EXPECT_TRUE(batcher.Append(batch, batcher.AddSequence(64).value(), prompts[s], true).ok());
+    if (!packed || s + 1 == prompts.size()) {
+      auto output = (*runner)->Forward(batch);
+      EXPECT_TRUE(output.ok()) << output.status();
+      if (!output.ok()) return {};
+      logits.insert(logits.end(), output->logits.begin(), output->logits.end());
+      batch = ForwardBatch();
+    }
+  }
+  return logits;
+}
+
+TEST(Bf16ActivationsTest, LogitsCloseToExactAndBatchInvariant) {
+  if (!cpu::HasBf16DotProduct()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const std::vector<float> exact = Logits(false, false);
+  const std::vector<float> bf16 = Logits(true, false);
+  ASSERT_EQ(exact.size(), bf16.size());
+  ASSERT_FALSE(exact.empty());
+  double diff = 0, norm = 0, max_abs = 0, max_err = 0;
+  for (size_t i = 0; i < exact.size(); ++i) {
+    diff += (bf16[i] - exact[i]) * double(bf16[i] - exact[i]);
+    norm += exact[i] * double(exact[i]);
+    max_abs = std::max(max_abs, std::abs(double(exact[i])));
+    max_err = std::max(max_err, std::abs(double(bf16[i]) - exact[i]));
+  }
+  // The documented bound of the option: 2e-2 relative (RMS over all logits, and the largest
+  // error against the largest logit).
+  RecordProperty("relative_rms_error", std::to_string(std::sqrt(diff / norm)));
+  RecordProperty("max_error_over_max_logit", std::to_string(max_err / max_abs));
+  EXPECT_LE(std::sqrt(diff / norm), 2e-2);
+  EXPECT_LE(max_err / max_abs, 2e-2);
+  EXPECT_NE(exact, bf16);  // the option really took the other path
+  // Packed with another sequence: bit-identical to each sequence alone.
+  EXPECT_EQ(Logits(true, true), bf16);
+}
+
+}  // namespace
+}  // namespace moe
