@@ -11,18 +11,24 @@
 namespace moe {
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
-                                                       int32_t num_threads) {
-  if (name == "cpu") return CreateCpuBackend(num_threads);
+                                                       const BackendOptions& options) {
+  const CpuBackendOptions cpu_options{.num_threads = options.num_threads,
+                                      .bf16_activations = options.cpu_bf16_activations};
+  if (name == "cpu") return CreateCpuBackend(cpu_options);
+  if (options.cpu_bf16_activations) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bf16 activations need the cpu backend; got backend '", name, "'"));
+  }
   if (name == "auto") {
 #ifdef MOE_HAVE_CUDA
     // The GPU when one is visible (device_description() then starts with "auto: GPU found").
     if (cuda::VisibleDeviceCount() > 0) {
-      cuda::CudaBackendOptions options = cuda::CudaBackendOptionsFromEnv();
-      options.selected_by_auto = true;
-      return cuda::CreateCudaBackend(options);
+      cuda::CudaBackendOptions cuda_options = cuda::CudaBackendOptionsFromEnv();
+      cuda_options.selected_by_auto = true;
+      return cuda::CreateCudaBackend(cuda_options);
     }
 #endif
-    return CreateCpuBackend(num_threads);
+    return CreateCpuBackend(cpu_options);
   }
   if (name == "cuda") {
 #ifdef MOE_HAVE_CUDA

@@ -100,7 +100,7 @@ struct AttentionParams {
 
 // Router output for one MoE layer and step, in backend memory.
 struct RoutingResult {
-  int32_t* expert_ids = nullptr;   // [tokens, top_k], by descending weight
+  int32_t* expert_ids = nullptr;    // [tokens, top_k], by descending weight
   float* expert_weights = nullptr;  // [tokens, top_k]
 };
 
@@ -167,9 +167,14 @@ class Backend {
   virtual absl::Status GatherRows(Matrix x, std::span<const int32_t> rows, Matrix out) = 0;
 };
 
+struct BackendOptions {
+  int32_t num_threads = 0;  // CPU backend threads (0 = all hardware threads)
+  // CPU backend only, opt-in, lower precision: bf16 activations with AVX512-BF16 dot products.
+  bool cpu_bf16_activations = false;
+};
+
 // Creates the backend named "cpu" or "cuda" ("auto": CUDA when a GPU is present, else CPU).
-// `num_threads` applies to the CPU backend (0 = all hardware threads).
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
-                                                       int32_t num_threads);
+                                                       const BackendOptions& options = {});
 
 }  // namespace moe

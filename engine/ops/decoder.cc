@@ -4,7 +4,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
-#include "engine/backend/cpu/cpu_backend.h"
 #include "engine/common/status_macros.h"
 #include "engine/model/loaded_model.h"
 #include "engine/ops/model_runner.h"
@@ -213,16 +212,10 @@ class DecoderRunner final : public ModelRunner {
 absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(
     const ModelRunnerOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<LoadedModel> model, LoadModel(options.model_dir));
-  std::unique_ptr<Backend> backend;
-  if (options.cpu_bf16_activations) {
-    if (options.backend != "cpu") {
-      return absl::InvalidArgumentError("bf16 activations need the cpu backend");
-    }
-    backend = CreateCpuBackend(
-        CpuBackendOptions{.num_threads = options.num_threads, .bf16_activations = true});
-  } else {
-    ASSIGN_OR_RETURN(backend, CreateBackend(options.backend, options.num_threads));
-  }
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<Backend> backend,
+      CreateBackend(options.backend, {.num_threads = options.num_threads,
+                                      .cpu_bf16_activations = options.cpu_bf16_activations}));
   RETURN_IF_ERROR(backend->PrepareWeights(model->weights));
   if (options.block_size <= 0 || options.block_size > 1024) {
     return absl::InvalidArgumentError(

@@ -19,7 +19,7 @@ struct ModelRunnerOptions {
   int32_t block_size = 16;        // tokens per KV block
   int32_t num_threads = 0;        // CPU worker threads; 0 = hardware concurrency
   // CPU backend only, opt-in, lower precision: bf16 activations with AVX512-BF16 dot
-  // products (see CpuBackendOptions::bf16_activations).
+  // products (see BackendOptions::cpu_bf16_activations).
   bool cpu_bf16_activations = false;
 };
 

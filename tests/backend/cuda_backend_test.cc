@@ -151,7 +151,7 @@ class CudaBackendTest : public testing::TestWithParam<Mode> {
  protected:
   void SetUp() override {
     if (cuda::VisibleDeviceCount() == 0) GTEST_SKIP() << "no CUDA GPU visible";
-    cpu_ = CreateCpuBackend(2);
+    cpu_ = CreateCpuBackend({.num_threads = 2});
     cuda::CudaBackendOptions options;
     options.gemv_max_rows = GetParam().gemv_max_rows;
     options.moe_gemv_max_rows = GetParam().moe_gemv_max_rows;

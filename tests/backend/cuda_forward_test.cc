@@ -33,14 +33,14 @@ constexpr double kMaxRelativeError = 1e-4;
 
 TEST(BackendSelection, CudaWithoutGpuIsAClearError) {
   if (cuda::VisibleDeviceCount() > 0) GTEST_SKIP() << "a GPU is visible";
-  auto backend = CreateBackend("cuda", 1);
+  auto backend = CreateBackend("cuda", {.num_threads = 1});
   ASSERT_FALSE(backend.ok());
   EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(backend.status().message()), testing::HasSubstr("no CUDA GPU"));
 }
 
 TEST(BackendSelection, AutoUsesTheGpuWhenOneIsVisible) {
-  auto backend = CreateBackend("auto", 1);
+  auto backend = CreateBackend("auto", {.num_threads = 1});
   ASSERT_TRUE(backend.ok()) << backend.status();
   if (cuda::VisibleDeviceCount() > 0) {
     EXPECT_EQ((*backend)->name(), "cuda");
@@ -52,7 +52,7 @@ TEST(BackendSelection, AutoUsesTheGpuWhenOneIsVisible) {
 
 TEST(BackendSelection, CudaBackendDescribesItsDevice) {
   if (cuda::VisibleDeviceCount() == 0) GTEST_SKIP() << "no CUDA GPU visible";
-  auto backend = CreateBackend("cuda", 1);
+  auto backend = CreateBackend("cuda", {.num_threads = 1});
   ASSERT_TRUE(backend.ok()) << backend.status();
   EXPECT_EQ((*backend)->name(), "cuda");
   EXPECT_THAT((*backend)->device_description(), testing::HasSubstr("sm_"));

@@ -560,10 +560,6 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> CreateCpuBackend(int32_t num_threads) {
-  return std::make_unique<CpuBackend>(CpuBackendOptions{.num_threads = num_threads});
-}
-
 std::unique_ptr<Backend> CreateCpuBackend(const CpuBackendOptions& options) {
   return std::make_unique<CpuBackend>(options);
 }

@@ -19,7 +19,6 @@ struct CpuBackendOptions {
   bool bf16_activations = false;
 };
 
-std::unique_ptr<Backend> CreateCpuBackend(int32_t num_threads);
 std::unique_ptr<Backend> CreateCpuBackend(const CpuBackendOptions& options);
 
 }  // namespace moe
