@@ -10,6 +10,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "engine/backend/batch_validation.h"
 #include "engine/backend/cpu/kernels.h"
 #include "engine/backend/cpu/thread_pool.h"
 #include "engine/common/status_macros.h"
@@ -111,51 +112,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status BeginStep(const ForwardBatch& batch) override {
-    const int64_t tokens = batch.num_tokens();
-    if (batch.positions.size() != static_cast<size_t>(tokens) ||
-        batch.slot_mapping.size() != static_cast<size_t>(tokens)) {
-      return absl::InvalidArgumentError(
-          "batch: token_ids, positions and slot_mapping differ in size");
-    }
-    const int64_t num_slots = int64_t{kv_shape_.num_blocks} * kv_shape_.block_size;
-    token_sequence_.assign(tokens, -1);
-    for (size_t s = 0; s < batch.sequences.size(); ++s) {
-      const SequenceChunk& chunk = batch.sequences[s];
-      if (chunk.token_begin < 0 || chunk.num_tokens < 0 ||
-          int64_t{chunk.token_begin} + chunk.num_tokens > tokens ||
-          chunk.context_len < chunk.num_tokens) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("batch: sequence ", chunk.seq_id, " has an invalid token range"));
-      }
-      if (static_cast<int64_t>(chunk.block_table.size()) * kv_shape_.block_size <
-          chunk.context_len) {
-        return absl::InvalidArgumentError(absl::StrCat("batch: sequence ", chunk.seq_id,
-                                                       " block table too short for its context"));
-      }
-      for (int32_t block : chunk.block_table) {
-        if (block < 0 || block >= kv_shape_.num_blocks) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("batch: block id ", block, " outside the KV pool"));
-        }
-      }
-      for (int32_t t = chunk.token_begin; t < chunk.token_begin + chunk.num_tokens; ++t) {
-        const int32_t expected = chunk.context_len - chunk.num_tokens + (t - chunk.token_begin);
-        if (batch.positions[t] != expected) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "batch: token ", t, " has position ", batch.positions[t], ", expected ", expected));
-        }
-        token_sequence_[t] = static_cast<int32_t>(s);
-      }
-    }
-    for (int64_t t = 0; t < tokens; ++t) {
-      if (token_sequence_[t] < 0) {
-        return absl::InvalidArgumentError(absl::StrCat("batch: token ", t, " has no sequence"));
-      }
-      if (batch.slot_mapping[t] < 0 || batch.slot_mapping[t] >= num_slots) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("batch: KV slot ", batch.slot_mapping[t], " outside the KV pool"));
-      }
-    }
+    RETURN_IF_ERROR(ValidateBatch(batch, kv_shape_, token_sequence_));
     batch_ = &batch;
     return absl::OkStatus();
   }
