@@ -55,13 +55,13 @@ struct ExpertTable {
 // Step uploads: a pinned host area and its device twin, filled front to back during a step
 // and reused two steps later (ping-pong), so a step never waits for the one before it.
 struct Uploader {
-  PinnedBuffer host;
+  DeviceBuffer host;  // pinned (AllocatePinned)
   DeviceBuffer device;
   size_t used = 0;
   Event done;  // recorded when the step that used this uploader has enqueued all its work
   bool pending = false;
   // Extra areas when a step outgrows the main one; merged at the next reuse.
-  std::vector<std::pair<PinnedBuffer, DeviceBuffer>> overflow;
+  std::vector<std::pair<DeviceBuffer, DeviceBuffer>> overflow;
   size_t overflow_used = 0;
 };
 
@@ -89,7 +89,7 @@ class CudaBackend final : public Backend {
     }
     ASSIGN_OR_RETURN(error_flag_, AllocateOrExhausted(sizeof(int32_t), "error flag"));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_flag_.data(), 0, sizeof(int32_t), stream_.get()));
-    ASSIGN_OR_RETURN(error_flag_host_, PinnedBuffer::Create(sizeof(int32_t)));
+    ASSIGN_OR_RETURN(error_flag_host_, AllocatePinned(sizeof(int32_t)));
     return absl::OkStatus();
   }
 
@@ -379,7 +379,7 @@ class CudaBackend final : public Backend {
   CublasHandle cublas_;
   DeviceBuffer cublas_workspace_;
   DeviceBuffer error_flag_;
-  PinnedBuffer error_flag_host_;
+  DeviceBuffer error_flag_host_;  // pinned
 
   // Weights.
   DeviceBuffer weight_arena_;
@@ -401,7 +401,7 @@ class CudaBackend final : public Backend {
 
   // Routing statistics: per pending Route() a slot of [experts + 1] doubles.
   Scratch stats_device_;
-  PinnedBuffer stats_host_;
+  DeviceBuffer stats_host_;  // pinned
   int64_t stats_stride_ = 0;
   std::vector<PendingStats> pending_stats_;
 
@@ -540,7 +540,7 @@ absl::Status CudaBackend::PrepareWeights(const ModelWeights& model) {
 
   // Upload through two pinned staging halves: convert into one while the other is copied.
   const size_t staging_half = std::min(kStagingBytes, std::max<size_t>(arena_bytes, 4096));
-  ASSIGN_OR_RETURN(PinnedBuffer staging, PinnedBuffer::Create(2 * staging_half));
+  ASSIGN_OR_RETURN(DeviceBuffer staging, AllocatePinned(2 * staging_half));
   std::array<Event, 2> staged;
   std::array<bool, 2> in_flight{false, false};
   for (Event& event : staged) {
@@ -585,7 +585,7 @@ absl::Status CudaBackend::PrepareWeights(const ModelWeights& model) {
   if (max_experts + 1 > stats_stride_) {
     stats_stride_ = max_experts + 1;
     ASSIGN_OR_RETURN(stats_host_,
-                     PinnedBuffer::Create(kMaxPendingStats * stats_stride_ * sizeof(double)));
+                     AllocatePinned(kMaxPendingStats * stats_stride_ * sizeof(double)));
     RETURN_IF_ERROR(
         stats_device_.Ensure(kMaxPendingStats * stats_stride_ * sizeof(double), stream_.get()));
   }
@@ -607,7 +607,7 @@ absl::StatusOr<void*> CudaBackend::Upload(const void* data, size_t bytes) {
     // Overflow area: a fresh pair, kept until this uploader is reused.
     const size_t size = std::max<size_t>(aligned, size_t{1} << 20);
     if (up.overflow.empty() || up.overflow_used + aligned > up.overflow.back().first.bytes()) {
-      ASSIGN_OR_RETURN(PinnedBuffer extra_host, PinnedBuffer::Create(size));
+      ASSIGN_OR_RETURN(DeviceBuffer extra_host, AllocatePinned(size));
       ASSIGN_OR_RETURN(DeviceBuffer extra_device, AllocateOrExhausted(size, "step metadata"));
       up.overflow.emplace_back(std::move(extra_host), std::move(extra_device));
       up.overflow_used = 0;
@@ -654,9 +654,9 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
     up.overflow.clear();
     up.overflow_used = 0;
     const size_t size = std::max(needed, capacity) * 3 / 2;
-    up.host = PinnedBuffer();
+    up.host = DeviceBuffer();
     up.device = DeviceBuffer();
-    ASSIGN_OR_RETURN(up.host, PinnedBuffer::Create(size));
+    ASSIGN_OR_RETURN(up.host, AllocatePinned(size));
     ASSIGN_OR_RETURN(up.device, AllocateOrExhausted(size, "step metadata"));
   }
   up.used = 0;

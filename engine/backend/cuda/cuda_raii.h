@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "engine/backend/backend.h"
 #include "engine/backend/cuda/cuda_status.h"
 
 namespace moe::cuda {
@@ -90,52 +91,19 @@ inline absl::StatusOr<CublasHandle> CreateCublas(cudaStream_t stream) {
   return owned;
 }
 
-// Page-locked host memory (cudaHostAlloc). Move-only.
-class PinnedBuffer {
- public:
-  static absl::StatusOr<PinnedBuffer> Create(size_t bytes) {
-    void* data = nullptr;
-    const cudaError_t error = cudaHostAlloc(&data, bytes, cudaHostAllocDefault);
-    if (error != cudaSuccess) {
-      cudaGetLastError();
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cuda: cannot allocate ", bytes,
-                       " bytes of pinned host memory: ", cudaGetErrorString(error)));
-    }
-    return PinnedBuffer(data, bytes);
+// Page-locked host memory (cudaHostAlloc), owned by a DeviceBuffer that releases it with
+// cudaFreeHost.
+inline absl::StatusOr<DeviceBuffer> AllocatePinned(size_t bytes) {
+  void* data = nullptr;
+  const cudaError_t error = cudaHostAlloc(&data, bytes, cudaHostAllocDefault);
+  if (error != cudaSuccess) {
+    cudaGetLastError();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cuda: cannot allocate ", bytes,
+                     " bytes of pinned host memory: ", cudaGetErrorString(error)));
   }
-  PinnedBuffer() = default;
-  PinnedBuffer(PinnedBuffer&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept {
-    if (this != &other) {
-      Reset();
-      data_ = std::exchange(other.data_, nullptr);
-      bytes_ = std::exchange(other.bytes_, 0);
-    }
-    return *this;
-  }
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer() { Reset(); }
-
-  void* data() const { return data_; }
-  size_t bytes() const { return bytes_; }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-
- private:
-  PinnedBuffer(void* data, size_t bytes) : data_(data), bytes_(bytes) {}
-  void Reset() {
-    if (data_ != nullptr) cudaFreeHost(data_);
-    data_ = nullptr;
-    bytes_ = 0;
-  }
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
+  return DeviceBuffer(data, bytes, [](void* p) { cudaFreeHost(p); });
+}
 
 // Device scratch that grows on demand, stream-ordered (cudaMallocAsync / cudaFreeAsync on the
 // owning stream), so growing never synchronizes the host. Contents are not preserved on growth.
