@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (clang, ASan + UBSan + libFuzzer, every library instrumented) in
-# a separate build directory and runs each for a bounded time from its committed seed corpus
-# (fuzz/corpus/<target>/, never written to: new inputs go to $BUILD_DIR/corpus/<target>/).
+# Builds the libFuzzer targets (clang, ASan + UBSan + libFuzzer, every library instrumented: the
+# fuzz preset of CMakePresets.json) in build-fuzz/ and runs each for a bounded time from its
+# committed seed corpus (fuzz/corpus/<target>/, never written to: new inputs go to
+# $BUILD_DIR/corpus/<target>/).
 # Exit status non-zero when a target finds a crash, leak or failed check; the reproducer is in
 # $BUILD_DIR/artifacts/<target>/ (turn it into a GoogleTest regression test).
 #
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BUILD_DIR="${MOE_FUZZ_BUILD_DIR:-build-fuzz}"
+BUILD_DIR=build-fuzz  # the binaryDir of the fuzz preset (CMakePresets.json)
 SECONDS_EACH="${FUZZ_SECONDS:-25}"
 TARGETS=("$@")
 if ((${#TARGETS[@]} == 0)); then
@@ -18,15 +19,10 @@ if ((${#TARGETS[@]} == 0)); then
 fi
 
 bash scripts/setup_deps.sh
-FLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined"
-FLAGS+=" -fno-omit-frame-pointer -g"
 start=$(date +%s)
 mkdir -p "$BUILD_DIR"
-CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DMOE_WITH_CUDA=OFF -DMOE_BUILD_FUZZERS=ON -DMOE_BUILD_TESTS=OFF \
-  -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS" > "$BUILD_DIR/configure.log" 2>&1 ||
-  { cat "$BUILD_DIR/configure.log"; exit 1; }
-cmake --build "$BUILD_DIR" -j "$(nproc)" --target "${TARGETS[@]/%/_fuzzer}"
+cmake --preset fuzz > "$BUILD_DIR/configure.log" 2>&1 || { cat "$BUILD_DIR/configure.log"; exit 1; }
+cmake --build --preset fuzz -j "$(nproc)" --target "${TARGETS[@]/%/_fuzzer}"
 echo "fuzz: build took $(($(date +%s) - start)) s"
 
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:symbolize=1"
