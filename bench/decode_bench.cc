@@ -68,15 +68,17 @@ double MeasureReadBandwidth(int32_t threads) {
 // 256 MiB (bigger than any cache), rows split across the threads as the backend splits them.
 double MeasureMatVecBandwidth(int32_t threads) {
   const int64_t in = 1024, rows = (256ll << 20) / (in * 2);
-  std::vector<uint16_t> weights(rows * in, 0x3f80);  // 1.0
+  const std::vector<uint16_t> weights(rows * in, 0x3f80);  // 1.0
+  const absl::StatusOr<cpu::PackedMatrix> packed =
+      cpu::PackedMatrix::Pack(weights.data(), DType::kBF16, rows, in);
+  if (!packed.ok()) return 0;
   std::vector<float> x(in, 1.0f), out(rows);
   cpu::ThreadPool pool(threads);
   double best = 0;
   for (int repeat = 0; repeat < 5; ++repeat) {
     const auto start = Clock::now();
     pool.ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
-      cpu::MatMulRows(x.data(), in, 1, weights.data(), DType::kBF16, in, begin, end, out.data(),
-                      rows);
+      cpu::MatMulRows(x.data(), in, 1, *packed, begin, end, out.data(), rows);
     });
     best = std::max(best, rows * in * 2 / Seconds(start));
   }

@@ -51,12 +51,48 @@ std::vector<double> Reference(const Problem& p, const std::vector<float>& x) {
   return out;
 }
 
-std::vector<float> RunFp32(const Problem& p, DType type, int64_t token_begin, int64_t tokens) {
-  std::vector<float> out(tokens * p.rows);
+cpu::PackedMatrix Pack(const Problem& p, DType type) {
   const void* w = type == DType::kBF16 ? static_cast<const void*>(p.w.data()) : p.w_f32.data();
-  cpu::MatMulRows(p.x.data() + token_begin * p.in, p.in, tokens, w, type, p.in, 0, p.rows,
-                  out.data(), p.rows);
+  absl::StatusOr<cpu::PackedMatrix> packed = cpu::PackedMatrix::Pack(w, type, p.rows, p.in);
+  EXPECT_TRUE(packed.ok()) << packed.status();
+  return *std::move(packed);
+}
+
+std::vector<float> RunFp32(const Problem& p, const cpu::PackedMatrix& w, int64_t token_begin,
+                           int64_t tokens) {
+  std::vector<float> out(tokens * p.rows);
+  cpu::MatMulRows(p.x.data() + token_begin * p.in, p.in, tokens, w, 0, p.rows, out.data(), p.rows);
   return out;
+}
+
+TEST(PackedMatrixTest, LayoutIsFourRowBlocksOfThirtyTwoWideChunksZeroPadded) {
+  const Problem p = MakeProblem(1, 40, 5, 3);  // 2 blocks (the second: 1 row), 2 chunks
+  const cpu::PackedMatrix packed = Pack(p, DType::kBF16);
+  ASSERT_EQ(packed.type(), DType::kBF16);
+  ASSERT_EQ(packed.blocks(), 2);
+  ASSERT_EQ(packed.chunks(), 2);
+  const auto* data = static_cast<const uint16_t*>(packed.data());
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t c = 0; c < 2; ++c) {
+      for (int64_t r = 0; r < 4; ++r) {
+        for (int64_t i = 0; i < 32; ++i) {
+          const int64_t row = b * 4 + r, k = c * 32 + i;
+          const uint16_t expected = row < 5 && k < 40 ? p.w[row * 40 + k] : 0;
+          ASSERT_EQ(data[((b * 2 + c) * 4 + r) * 32 + i], expected) << b << c << r << i;
+        }
+      }
+    }
+  }
+  // f16 weights are widened to f32 exactly.
+  const std::vector<uint16_t> f16 = {0x3c00, 0xc000, 0x3555, 0x0001};  // 1, -2, ~1/3, 2^-24
+  absl::StatusOr<cpu::PackedMatrix> widened =
+      cpu::PackedMatrix::Pack(f16.data(), DType::kF16, 1, 4);
+  ASSERT_TRUE(widened.ok());
+  ASSERT_EQ(widened->type(), DType::kF32);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(static_cast<const float*>(widened->data())[i], F16ToFloat(f16[i]));
+  }
+  EXPECT_FALSE(cpu::PackedMatrix::Pack(f16.data(), DType::kI32, 1, 4).ok());
 }
 
 class MatMulShapes : public ::testing::TestWithParam<std::tuple<int, int, int>> {};
@@ -65,27 +101,34 @@ TEST_P(MatMulShapes, Fp32PathIsAccurateAndBatchInvariant) {
   const auto [tokens, in, rows] = GetParam();
   const Problem p = MakeProblem(tokens, in, rows, 7);
   const std::vector<double> ref = Reference(p, p.x);
-  const std::vector<float> all = RunFp32(p, DType::kBF16, 0, tokens);
+  const cpu::PackedMatrix w = Pack(p, DType::kBF16);
+  const std::vector<float> all = RunFp32(p, w, 0, tokens);
   for (int64_t i = 0; i < tokens * rows; ++i) {
     EXPECT_NEAR(all[i], ref[i], 1e-5 * std::sqrt(double(in))) << i;
   }
   // f32 weights holding the same values: bit-identical.
-  EXPECT_EQ(RunFp32(p, DType::kF32, 0, tokens), all);
+  EXPECT_EQ(RunFp32(p, Pack(p, DType::kF32), 0, tokens), all);
   // Every token alone (decode tiles) and in odd-sized sub-batches: bit-identical.
   for (int64_t t = 0; t < tokens; ++t) {
-    const std::vector<float> one = RunFp32(p, DType::kBF16, t, 1);
+    const std::vector<float> one = RunFp32(p, w, t, 1);
     for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(one[r], all[t * rows + r]) << t << "," << r;
   }
   for (int64_t begin = 0; begin < tokens; begin += 3) {
     const int64_t n = std::min<int64_t>(3, tokens - begin);
-    const std::vector<float> some = RunFp32(p, DType::kBF16, begin, n);
+    const std::vector<float> some = RunFp32(p, w, begin, n);
     for (int64_t i = 0; i < n * rows; ++i) ASSERT_EQ(some[i], all[begin * rows + i]);
   }
-  // Split rows (as threads do): the same values.
-  std::vector<float> split(tokens * rows);
+  // Split rows (as threads do, here across the 4-row blocks): the same values, and nothing
+  // written outside each range.
+  std::vector<float> split(tokens * rows, std::nanf(""));
   for (int64_t r0 = 0; r0 < rows; r0 += 5) {
-    cpu::MatMulRows(p.x.data(), in, tokens, p.w.data(), DType::kBF16, in, r0,
-                    std::min<int64_t>(rows, r0 + 5), split.data(), rows);
+    const int64_t r1 = std::min<int64_t>(rows, r0 + 5);
+    const std::vector<float> before = split;
+    cpu::MatMulRows(p.x.data(), in, tokens, w, r0, r1, split.data(), rows);
+    for (int64_t i = 0; i < tokens * rows; ++i) {
+      if (i % rows < r0) ASSERT_EQ(split[i], before[i]) << i;
+      if (i % rows >= r1) ASSERT_TRUE(std::isnan(split[i])) << i;
+    }
   }
   EXPECT_EQ(split, all);
 }
@@ -101,9 +144,10 @@ TEST_P(MatMulShapes, Bf16ActivationPathIsCloseAndBatchInvariant) {
     ASSERT_EQ(xb[i], FloatToBf16(p.x[i]));  // round to nearest even, as the scalar helper
     x_rounded[i] = Bf16ToFloat(xb[i]);
   }
+  const cpu::PackedMatrix w = Pack(p, DType::kBF16);
   auto run = [&](int64_t begin, int64_t n) {
     std::vector<float> out(n * rows);
-    cpu::MatMulRowsBf16(xb.data() + begin * in, in, n, p.w.data(), in, 0, rows, out.data(), rows);
+    cpu::MatMulRowsBf16(xb.data() + begin * in, in, n, w, 0, rows, out.data(), rows);
     return out;
   };
   const std::vector<float> all = run(0, tokens);
@@ -119,6 +163,12 @@ TEST_P(MatMulShapes, Bf16ActivationPathIsCloseAndBatchInvariant) {
     const std::vector<float> one = run(t, 1);
     for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(one[r], all[t * rows + r]) << t << "," << r;
   }
+  std::vector<float> split(tokens * rows);
+  for (int64_t r0 = 0; r0 < rows; r0 += 5) {
+    cpu::MatMulRowsBf16(xb.data(), in, tokens, w, r0, std::min<int64_t>(rows, r0 + 5), split.data(),
+                        rows);
+  }
+  EXPECT_EQ(split, all);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, MatMulShapes,

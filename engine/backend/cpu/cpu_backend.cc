@@ -33,10 +33,13 @@ float ElementAsFloat(const TensorView& view, int64_t index) {
 
 float Silu(float x) { return x / (1.0f + std::exp(-x)); }
 
-// Rows of an MLP input that belong to one expert (or all rows, for a dense MLP).
+// Rows of an MLP input that belong to one expert (or all rows, for a dense MLP), with the
+// expert's packed weights.
 struct ExpertGroup {
-  const MlpWeights* mlp;
-  int64_t first_row;  // in the gathered [rows, hidden] input
+  const cpu::PackedMatrix* gate;  // [ffn, hidden]
+  const cpu::PackedMatrix* up;    // [ffn, hidden]
+  const cpu::PackedMatrix* down;  // [hidden, ffn]
+  int64_t first_row;              // in the gathered [rows, hidden] input
   int64_t num_rows;
 };
 
@@ -71,28 +74,37 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status PrepareWeights(const ModelWeights& weights) override {
-    // f16 matrices are widened to f32 once; bf16 and f32 are used in place.
-    auto widen = [&](const TensorView* view) {
-      if (view == nullptr || view->dtype != DType::kF16 || widened_.contains(view)) return;
-      std::vector<float>& copy = widened_[view];
-      copy.resize(view->num_elements());
-      for (int64_t i = 0; i < view->num_elements(); ++i) copy[i] = ElementAsFloat(*view, i);
+    // Every matmul weight is repacked into this backend's memory (cpu::PackedMatrix: 4-row
+    // blocks, one sequential stream per tile; f16 widened to f32). Embeddings, norms and biases
+    // are read in place from the mapping.
+    auto pack = [&](const TensorView* view) -> absl::Status {
+      if (view == nullptr || packed_.contains(view)) return absl::OkStatus();
+      if (view->shape.size() != 2) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("cpu: weight ", view->name, " is not a matrix"));
+      }
+      absl::StatusOr<cpu::PackedMatrix> packed =
+          cpu::PackedMatrix::Pack(view->data, view->dtype, view->shape[0], view->shape[1]);
+      if (!packed.ok()) {
+        return absl::Status(packed.status().code(),
+                            absl::StrCat(view->name, ": ", packed.status().message()));
+      }
+      packed_.emplace(view, *std::move(packed));
+      return absl::OkStatus();
     };
-    auto widen_mlp = [&](const MlpWeights& mlp) {
-      widen(mlp.gate);
-      widen(mlp.up);
-      widen(mlp.down);
+    auto pack_mlp = [&](const MlpWeights& mlp) -> absl::Status {
+      for (const TensorView* view : {mlp.gate, mlp.up, mlp.down}) RETURN_IF_ERROR(pack(view));
+      return absl::OkStatus();
     };
-    widen(weights.embed_tokens);
-    widen(weights.lm_head);
+    RETURN_IF_ERROR(pack(weights.lm_head));
     for (const LayerWeights& layer : weights.layers) {
       for (const TensorView* view :
            {layer.q, layer.k, layer.v, layer.o, layer.router, layer.shared_expert_gate}) {
-        widen(view);
+        RETURN_IF_ERROR(pack(view));
       }
-      for (const MlpWeights& expert : layer.experts) widen_mlp(expert);
-      widen_mlp(layer.shared_expert);
-      widen_mlp(layer.dense_mlp);
+      for (const MlpWeights& expert : layer.experts) RETURN_IF_ERROR(pack_mlp(expert));
+      RETURN_IF_ERROR(pack_mlp(layer.shared_expert));
+      RETURN_IF_ERROR(pack_mlp(layer.dense_mlp));
     }
     return absl::OkStatus();
   }
@@ -152,19 +164,18 @@ class CpuBackend final : public Backend {
 
   absl::Status LinearImpl(Matrix x, const TensorView& weight, const TensorView* bias, Matrix out,
                           bool allow_bf16_activations) {
-    const auto [data, type] = WeightData(weight);
-    if (allow_bf16_activations && UseBf16Activations(type)) {
+    ASSIGN_OR_RETURN(const cpu::PackedMatrix* packed, Packed(weight));
+    if (allow_bf16_activations && UseBf16Activations(*packed)) {
       // x: [rows, cols] -> bf16 once, then vdpbf16ps.
       x_bf16_.resize(x.rows * x.cols);
       cpu::FloatToBf16Rows(x.data, x.stride, x.rows, x.cols, x_bf16_.data(), x.cols);
       pool_.ParallelFor(out.cols, 16, [&](int64_t begin, int64_t end) {
-        cpu::MatMulRowsBf16(x_bf16_.data(), x.cols, x.rows, static_cast<const uint16_t*>(data),
-                            x.cols, begin, end, out.data, out.stride);
+        cpu::MatMulRowsBf16(x_bf16_.data(), x.cols, x.rows, *packed, begin, end, out.data,
+                            out.stride);
       });
     } else {
       pool_.ParallelFor(out.cols, 16, [&](int64_t begin, int64_t end) {
-        cpu::MatMulRows(x.data, x.stride, x.rows, data, type, x.cols, begin, end, out.data,
-                        out.stride);
+        cpu::MatMulRows(x.data, x.stride, x.rows, *packed, begin, end, out.data, out.stride);
       });
     }
     if (bias != nullptr) {
@@ -285,7 +296,7 @@ class CpuBackend final : public Backend {
     for (int64_t r = 0; r < x.rows; ++r) {
       std::memcpy(gathered_.data() + r * x.cols, x.row(r), x.cols * sizeof(float));
     }
-    const ExpertGroup group{&mlp, 0, x.rows};
+    ASSIGN_OR_RETURN(const ExpertGroup group, MakeGroup(mlp, 0, x.rows));
     RunExpertGroups({&group, 1}, x.cols);
     for (int64_t r = 0; r < x.rows; ++r) {
       std::memcpy(out.row(r), expert_out_.data() + r * x.cols, x.cols * sizeof(float));
@@ -362,7 +373,9 @@ class CpuBackend final : public Backend {
     std::vector<ExpertGroup> groups;
     for (int64_t e = 0; e < num_experts; ++e) {
       if (offsets[e + 1] > offsets[e]) {
-        groups.push_back({&experts[e], offsets[e], offsets[e + 1] - offsets[e]});
+        ASSIGN_OR_RETURN(ExpertGroup group,
+                         MakeGroup(experts[e], offsets[e], offsets[e + 1] - offsets[e]));
+        groups.push_back(group);
       }
     }
     RunExpertGroups(groups, x.cols);
@@ -400,15 +413,28 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  bool UseBf16Activations(DType weight_type) const {
-    return bf16_activations_ && weight_type == DType::kBF16;
+  bool UseBf16Activations(const cpu::PackedMatrix& weight) const {
+    return bf16_activations_ && weight.type() == DType::kBF16;
   }
 
-  std::pair<const void*, DType> WeightData(const TensorView& view) const {
-    if (const auto it = widened_.find(&view); it != widened_.end()) {
-      return {it->second.data(), DType::kF32};
+  absl::StatusOr<const cpu::PackedMatrix*> Packed(const TensorView& view) const {
+    const auto it = packed_.find(&view);
+    if (it == packed_.end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cpu: weight ", view.name, " was not prepared by PrepareWeights"));
     }
-    return {view.data, view.dtype};
+    return &it->second;
+  }
+
+  absl::StatusOr<ExpertGroup> MakeGroup(const MlpWeights& mlp, int64_t first_row,
+                                        int64_t num_rows) const {
+    if (mlp.gate == nullptr || mlp.up == nullptr || mlp.down == nullptr) {
+      return absl::InvalidArgumentError("cpu: an MLP without gate, up or down weights");
+    }
+    ASSIGN_OR_RETURN(const cpu::PackedMatrix* gate, Packed(*mlp.gate));
+    ASSIGN_OR_RETURN(const cpu::PackedMatrix* up, Packed(*mlp.up));
+    ASSIGN_OR_RETURN(const cpu::PackedMatrix* down, Packed(*mlp.down));
+    return ExpertGroup{gate, up, down, first_row, num_rows};
   }
 
   // For every group: expert_out_[rows] = down(silu(gate(x)) * up(x)) of gathered_[rows].
@@ -420,7 +446,7 @@ class CpuBackend final : public Backend {
     int64_t max_ffn = 0;
     std::vector<int64_t> ffn_begin(groups.size() + 1, 0), hidden_begin(groups.size() + 1, 0);
     for (size_t g = 0; g < groups.size(); ++g) {
-      const int64_t ffn = groups[g].mlp->gate->shape[0];
+      const int64_t ffn = groups[g].gate->rows();
       max_ffn = std::max(max_ffn, ffn);
       ffn_begin[g + 1] = ffn_begin[g] + ffn;
       hidden_begin[g + 1] = hidden_begin[g] + hidden;
@@ -430,8 +456,7 @@ class CpuBackend final : public Backend {
     up_.resize(total_rows * max_ffn);
     expert_out_.resize(total_rows * hidden);
     // With bf16 activations (bf16 expert weights): gathered_ and activation_ rounded to bf16.
-    const bool bf16 = UseBf16Activations(groups.front().mlp->gate->dtype) &&
-                      !widened_.contains(groups.front().mlp->gate);
+    const bool bf16 = UseBf16Activations(*groups.front().gate);
     if (bf16) {
       x_bf16_.resize(total_rows * hidden);
       cpu::FloatToBf16Rows(gathered_.data(), hidden, total_rows, hidden, x_bf16_.data(), hidden);
@@ -455,18 +480,13 @@ class CpuBackend final : public Backend {
         const float* x = gathered_.data() + group.first_row * hidden;
         float* gate_out = activation_.data() + group.first_row * max_ffn;
         float* up_out = up_.data() + group.first_row * max_ffn;
-        const auto [gate, gate_type] = WeightData(*group.mlp->gate);
-        const auto [up, up_type] = WeightData(*group.mlp->up);
         if (bf16) {
           const uint16_t* xb = x_bf16_.data() + group.first_row * hidden;
-          cpu::MatMulRowsBf16(xb, hidden, group.num_rows, static_cast<const uint16_t*>(gate),
-                              hidden, lo, hi, gate_out, max_ffn);
-          cpu::MatMulRowsBf16(xb, hidden, group.num_rows, static_cast<const uint16_t*>(up), hidden,
-                              lo, hi, up_out, max_ffn);
+          cpu::MatMulRowsBf16(xb, hidden, group.num_rows, *group.gate, lo, hi, gate_out, max_ffn);
+          cpu::MatMulRowsBf16(xb, hidden, group.num_rows, *group.up, lo, hi, up_out, max_ffn);
         } else {
-          cpu::MatMulRows(x, hidden, group.num_rows, gate, gate_type, hidden, lo, hi, gate_out,
-                          max_ffn);
-          cpu::MatMulRows(x, hidden, group.num_rows, up, up_type, hidden, lo, hi, up_out, max_ffn);
+          cpu::MatMulRows(x, hidden, group.num_rows, *group.gate, lo, hi, gate_out, max_ffn);
+          cpu::MatMulRows(x, hidden, group.num_rows, *group.up, lo, hi, up_out, max_ffn);
         }
         for (int64_t r = 0; r < group.num_rows; ++r) {
           for (int64_t c = lo; c < hi; ++c) {
@@ -483,16 +503,13 @@ class CpuBackend final : public Backend {
     pool_.ParallelFor(hidden_begin.back(), 16, [&](int64_t begin, int64_t end) {
       for_each_piece(
           hidden_begin, begin, end, [&](const ExpertGroup& group, int64_t lo, int64_t hi) {
-            const int64_t ffn = group.mlp->down->shape[1];
-            const auto [down, down_type] = WeightData(*group.mlp->down);
+            float* out = expert_out_.data() + group.first_row * hidden;
             if (bf16) {
               cpu::MatMulRowsBf16(activation_bf16_.data() + group.first_row * max_ffn, max_ffn,
-                                  group.num_rows, static_cast<const uint16_t*>(down), ffn, lo, hi,
-                                  expert_out_.data() + group.first_row * hidden, hidden);
+                                  group.num_rows, *group.down, lo, hi, out, hidden);
             } else {
               cpu::MatMulRows(activation_.data() + group.first_row * max_ffn, max_ffn,
-                              group.num_rows, down, down_type, ffn, lo, hi,
-                              expert_out_.data() + group.first_row * hidden, hidden);
+                              group.num_rows, *group.down, lo, hi, out, hidden);
             }
           });
     });
@@ -500,7 +517,8 @@ class CpuBackend final : public Backend {
 
   cpu::ThreadPool pool_;
   const bool bf16_activations_;  // requested and supported by this CPU
-  absl::flat_hash_map<const TensorView*, std::vector<float>> widened_;
+  // Every matmul weight in the kernels' layout (PrepareWeights).
+  absl::flat_hash_map<const TensorView*, cpu::PackedMatrix> packed_;
   KvCacheShape kv_shape_;
   std::vector<DeviceBuffer> keys_, values_;  // per layer: [blocks, block_size, kv_heads, head_dim]
   const ForwardBatch* batch_ = nullptr;

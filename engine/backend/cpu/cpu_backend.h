@@ -1,6 +1,8 @@
 // The CPU backend: the embedded default where no GPU is present, and the reference every
-// CUDA kernel is checked against. Weights are read in place from the memory mapping (bf16 or
-// f32; f16 checkpoints are widened to f32 once at load), activations and the KV cache are f32.
+// CUDA kernel is checked against. Matmul weights are repacked once at load into the kernels'
+// layout (cpu::PackedMatrix: bf16 or f32, f16 widened to f32), so the backend holds a copy of
+// them (resident memory about the size of the checkpoint's matrices; the mapping's pages are
+// then only page cache). Activations and the KV cache are f32.
 #pragma once
 
 #include <memory>

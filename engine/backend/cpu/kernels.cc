@@ -15,10 +15,12 @@ namespace moe::cpu {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-using DF = hn::ScalableTag<float>;
+// At most 16 lanes, so that a packed chunk of 32 weights is a whole number of vectors.
+using DF = hn::CappedTag<float, 16>;
 
 // Loads Lanes(df) weights starting at p as float32.
 struct Bf16Weights {
+  using Type = uint16_t;
   static HWY_INLINE hn::Vec<DF> Load(DF df, const uint16_t* p) {
     const hn::Rebind<uint16_t, DF> d16;
     const hn::RebindToUnsigned<DF> d32;
@@ -26,10 +28,10 @@ struct Bf16Weights {
   }
 };
 struct F32Weights {
+  using Type = float;
   static HWY_INLINE hn::Vec<DF> Load(DF df, const float* p) { return hn::LoadU(df, p); }
 };
 
-// A tile of kRows weight rows x kTokens tokens: kRows * kTokens accumulators.
 #undef MOE_HAVE_SUMS_4X4  // re-decided in each target's pass
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 #define MOE_HAVE_SUMS_4X4 1
@@ -46,159 +48,132 @@ HWY_INLINE void StoreSums4x4(const hn::Vec<DF> (&acc)[4][4], float* out, int64_t
 }
 #endif
 
-// kPrefetchRows > 0: prefetch the weights kPrefetchRows rows ahead (the tile after next in
-// a decode sweep), keeping more cache-line fills in flight than the hardware prefetcher does.
-template <int kRows, int kTokens, class Loader, typename W, int kPrefetchRows = 0>
-HWY_INLINE void Tile(const float* x, int64_t x_stride, const W* w, int64_t in, float* out,
-                     int64_t out_stride) {
+constexpr int64_t kRows = PackedMatrix::kBlockRows;
+constexpr int64_t kChunk = PackedMatrix::kChunk;
+
+// One packed block of 4 rows x kTokens tokens over all of k: 4 * kTokens accumulators, each
+// summing its products in k order, lanes along k. Writes the rows [row_lo, row_hi) of the
+// block: out[t * out_stride + r].
+template <int kTokens, class Loader, bool kPrefetch = false>
+HWY_INLINE void Tile(const float* x, int64_t x_stride, int64_t in,
+                     const typename Loader::Type* block, float* out, int64_t out_stride,
+                     int64_t row_lo, int64_t row_hi) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   hn::Vec<DF> acc[kRows][kTokens];
   for (int r = 0; r < kRows; ++r) {
     for (int t = 0; t < kTokens; ++t) acc[r][t] = hn::Zero(df);
   }
-  // The tile's rows are one contiguous run of kRows * in weights; the prefetch pointer walks
-  // the run kPrefetchRows rows ahead at the same pace, one cache line at a time.
-  constexpr size_t kStepBytes = kRows * hn::MaxLanes(df) * sizeof(W);
-  const char* prefetch = reinterpret_cast<const char*>(w + kPrefetchRows * in);
-  int64_t k = 0;
-  for (; k + lanes <= in; k += lanes) {
-    if constexpr (kPrefetchRows > 0) {
-      for (size_t b = 0; b < kStepBytes; b += 64) hwy::Prefetch(prefetch + b);
-      prefetch += kStepBytes;
-    }
-    hn::Vec<DF> xv[kTokens];
-    for (int t = 0; t < kTokens; ++t) xv[t] = hn::LoadU(df, x + t * x_stride + k);
+  auto step = [&](const hn::Vec<DF>(&xv)[kTokens], const typename Loader::Type* w) HWY_ATTR {
     for (int r = 0; r < kRows; ++r) {
-      const hn::Vec<DF> wv = Loader::Load(df, w + r * in + k);
+      const hn::Vec<DF> wv = Loader::Load(df, w + r * kChunk);
       for (int t = 0; t < kTokens; ++t) acc[r][t] = hn::MulAdd(wv, xv[t], acc[r][t]);
     }
+  };
+  int64_t k = 0;
+  for (; k + lanes <= in; k += lanes) {
+    hn::Vec<DF> xv[kTokens];
+    for (int t = 0; t < kTokens; ++t) xv[t] = hn::LoadU(df, x + t * x_stride + k);
+    // Chunk k / 32, lane group (k % 32) / lanes of every row.
+    const typename Loader::Type* chunk = block + (k / kChunk) * kRows * kChunk;
+    if (kPrefetch && k % kChunk == 0) {
+      const char* ahead = reinterpret_cast<const char*>(chunk) + kStreamPrefetchBytes;
+      for (size_t b = 0; b < kRows * kChunk * sizeof(*chunk); b += 64) hwy::Prefetch(ahead + b);
+    }
+    step(xv, chunk + k % kChunk);
   }
   if (k < in) {
-    // Tail: zero-padded copies through the same vector FMAs, so that bf16 and f32 weights
-    // holding the same values give bit-identical results (no scalar contraction choices).
-    HWY_ALIGN W w_tail[kRows][hn::MaxLanes(df)] = {};
+    // Tail: x copied zero padded (the packed weights are zero past `in`), through the same
+    // vector FMAs, so that bf16 and f32 weights holding the same values give the same bits.
     HWY_ALIGN float x_tail[kTokens][hn::MaxLanes(df)] = {};
-    for (int64_t i = k; i < in; ++i) {
-      for (int r = 0; r < kRows; ++r) w_tail[r][i - k] = w[r * in + i];
-      for (int t = 0; t < kTokens; ++t) x_tail[t][i - k] = x[t * x_stride + i];
+    hn::Vec<DF> xv[kTokens];
+    for (int t = 0; t < kTokens; ++t) {
+      for (int64_t i = k; i < in; ++i) x_tail[t][i - k] = x[t * x_stride + i];
+      xv[t] = hn::Load(df, x_tail[t]);
     }
-    for (int r = 0; r < kRows; ++r) {
-      const hn::Vec<DF> wv = Loader::Load(df, w_tail[r]);
-      for (int t = 0; t < kTokens; ++t) {
-        acc[r][t] = hn::MulAdd(wv, hn::Load(df, x_tail[t]), acc[r][t]);
-      }
-    }
+    step(xv, block + (k / kChunk) * kRows * kChunk + k % kChunk);
   }
 #if MOE_HAVE_SUMS_4X4
-  if constexpr (kRows == 4 && kTokens == 4) {
-    StoreSums4x4(acc, out, out_stride);
-    return;
+  if constexpr (kTokens == 4) {
+    if (row_lo == 0 && row_hi == kRows) {
+      StoreSums4x4(acc, out, out_stride);
+      return;
+    }
   }
 #endif
+  // Constant indices into acc (a variable one would keep the tile in memory, not registers).
   for (int r = 0; r < kRows; ++r) {
+    if (r < row_lo || r >= row_hi) continue;
     for (int t = 0; t < kTokens; ++t) {
       out[t * out_stride + r] = hn::GetLane(hn::SumOfLanes(df, acc[r][t]));
     }
   }
 }
 
-template <int kRows, class Loader, typename W, int kPrefetchRows = 0>
-HWY_INLINE void RowsAllTokens(const float* x, int64_t x_stride, int64_t tokens, const W* w,
-                              int64_t in, float* out, int64_t out_stride) {
-  // Only the first token tile prefetches: the later ones find the rows in L1/L2.
+// All tokens through one block: tiles of 4 tokens, then 1-3. The first tile reads the block
+// from memory and prefetches the stream kStreamPrefetchBytes ahead; the others find it in L1.
+template <class Loader>
+HWY_INLINE void BlockAllTokens(const float* x, int64_t x_stride, int64_t tokens, int64_t in,
+                               const typename Loader::Type* block, float* out, int64_t out_stride,
+                               int64_t row_lo, int64_t row_hi) {
   int64_t t = 0;
-  if (tokens >= 4) {
-    Tile<kRows, 4, Loader, W, kPrefetchRows>(x, x_stride, w, in, out, out_stride);
-    t = 4;
-  }
   for (; t + 4 <= tokens; t += 4) {
-    Tile<kRows, 4, Loader, W, 0>(x + t * x_stride, x_stride, w, in, out + t * out_stride,
-                                 out_stride);
+    if (t == 0) {
+      Tile<4, Loader, true>(x, x_stride, in, block, out, out_stride, row_lo, row_hi);
+    } else {
+      Tile<4, Loader>(x + t * x_stride, x_stride, in, block, out + t * out_stride, out_stride,
+                      row_lo, row_hi);
+    }
   }
   const float* xt = x + t * x_stride;
   float* ot = out + t * out_stride;
   switch (tokens - t) {
     case 3:
-      Tile<kRows, 3, Loader, W, kPrefetchRows>(xt, x_stride, w, in, ot, out_stride);
+      Tile<3, Loader, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
       break;
     case 2:
-      Tile<kRows, 2, Loader, W, kPrefetchRows>(xt, x_stride, w, in, ot, out_stride);
+      Tile<2, Loader, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
       break;
     case 1:
-      Tile<kRows, 1, Loader, W, kPrefetchRows>(xt, x_stride, w, in, ot, out_stride);
+      Tile<1, Loader, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
       break;
     default:
       break;
   }
 }
 
-// Decode sweep: rows one at a time (a single sequential stream per thread reached 0.8-0.9 of
-// the measured read bandwidth, against 0.6-0.7 for 4 or 8 interleaved rows), with software
-// prefetch 8 rows (16-45 KiB) ahead. Measured with moe-bench-decode's "decode kernel" line.
-constexpr int kDecodeRows = 1;
-constexpr int kDecodePrefetchRows = 8;
-
-template <class Loader, typename W>
-void MatMulRowsTyped(const float* x, int64_t x_stride, int64_t tokens, const W* weight, int64_t in,
-                     int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
-  // Every (row, token) output is the same dot product whatever tile computes it (lanes along
-  // k, one accumulator, SumOfLanes), so the result of a token never depends on the batch.
-  if (tokens < 4) {
-    // Decode: bound by reading weights; stream the rows in order, prefetching ahead within
-    // this thread's range (never past it: the next range belongs to another thread).
-    int64_t r = row_begin;
-    for (; r + kDecodeRows + kDecodePrefetchRows <= row_end; r += kDecodeRows) {
-      RowsAllTokens<kDecodeRows, Loader, W, kDecodePrefetchRows>(
-          x, x_stride, tokens, weight + r * in, in, out + r, out_stride);
-    }
-    for (; r + 4 <= row_end; r += 4) {
-      RowsAllTokens<4, Loader>(x, x_stride, tokens, weight + r * in, in, out + r, out_stride);
-    }
-    for (; r < row_end; ++r) {
-      RowsAllTokens<1, Loader>(x, x_stride, tokens, weight + r * in, in, out + r, out_stride);
-    }
-    return;
-  }
-  // Batched decode and prefill: bound by FMAs. Tiles of 4 rows x 4 tokens (16 accumulators,
-  // each weight vector widened once per 4 tokens, each x vector loaded once per 4 rows).
-  // Blocked so that a block of tokens (x: ~512 KiB) stays in L2 while a block of rows is
-  // swept over it, and each 4-row tile stays in L1 while it meets every token of the block.
+template <class Loader>
+void MatMulPacked(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
+                  int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
+  const auto* packed = static_cast<const typename Loader::Type*>(weight.data());
+  const int64_t in = weight.in(), block_elements = weight.block_elements();
+  // Blocked for many tokens (prefill): a block of tokens (x: ~512 KiB) stays in L2 while 8
+  // weight blocks (32 rows) are swept over it, each staying in L1 while it meets every token.
+  // With few tokens (decode) this is one sequential pass over the rows.
   const int64_t x_row_bytes = in * static_cast<int64_t>(sizeof(float));
   const int64_t token_block = std::max<int64_t>(4, (int64_t{512} << 10) / x_row_bytes / 4 * 4);
-  const int64_t row_block = 32;
+  constexpr int64_t kSweepBlocks = 8;
+  const int64_t first_block = row_begin / kRows, end_block = (row_end + kRows - 1) / kRows;
   for (int64_t t0 = 0; t0 < tokens; t0 += token_block) {
     const int64_t t1 = std::min(tokens, t0 + token_block);
-    const float* xb = x + t0 * x_stride;
-    float* ob = out + t0 * out_stride;
-    for (int64_t r0 = row_begin; r0 < row_end; r0 += row_block) {
-      const int64_t r1 = std::min(row_end, r0 + row_block);
-      int64_t r = r0;
-      if (t0 == 0) {  // first sweep over these rows: from memory, prefetched
-        for (; r + 4 <= r1 && r + 4 + kDecodePrefetchRows <= row_end; r += 4) {
-          RowsAllTokens<4, Loader, W, kDecodePrefetchRows>(xb, x_stride, t1 - t0, weight + r * in,
-                                                           in, ob + r, out_stride);
-        }
-      }
-      for (; r + 4 <= r1; r += 4) {
-        RowsAllTokens<4, Loader>(xb, x_stride, t1 - t0, weight + r * in, in, ob + r, out_stride);
-      }
-      for (; r < r1; ++r) {
-        RowsAllTokens<1, Loader>(xb, x_stride, t1 - t0, weight + r * in, in, ob + r, out_stride);
+    for (int64_t b0 = first_block; b0 < end_block; b0 += kSweepBlocks) {
+      for (int64_t b = b0; b < std::min(end_block, b0 + kSweepBlocks); ++b) {
+        const int64_t row_lo = std::max<int64_t>(0, row_begin - b * kRows);
+        const int64_t row_hi = std::min<int64_t>(kRows, row_end - b * kRows);
+        BlockAllTokens<Loader>(x + t0 * x_stride, x_stride, t1 - t0, in,
+                               packed + b * block_elements, out + t0 * out_stride + b * kRows,
+                               out_stride, row_lo, row_hi);
       }
     }
   }
 }
 
-void MatMulRowsImpl(const float* x, int64_t x_stride, int64_t tokens, const void* weight,
-                    DType weight_type, int64_t in, int64_t row_begin, int64_t row_end, float* out,
-                    int64_t out_stride) {
-  if (weight_type == DType::kBF16) {
-    MatMulRowsTyped<Bf16Weights>(x, x_stride, tokens, static_cast<const uint16_t*>(weight), in,
-                                 row_begin, row_end, out, out_stride);
+void MatMulRowsImpl(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
+                    int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
+  if (weight.type() == DType::kBF16) {
+    MatMulPacked<Bf16Weights>(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
   } else {
-    MatMulRowsTyped<F32Weights>(x, x_stride, tokens, static_cast<const float*>(weight), in,
-                                row_begin, row_end, out, out_stride);
+    MatMulPacked<F32Weights>(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
   }
 }
 
@@ -244,11 +219,10 @@ HWY_EXPORT(DotF32Impl);
 HWY_EXPORT(AxpyF32Impl);
 HWY_EXPORT(SelectedTargetImpl);
 
-void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const void* weight,
-                DType weight_type, int64_t in, int64_t row_begin, int64_t row_end, float* out,
-                int64_t out_stride) {
+void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
+                int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
   HWY_DYNAMIC_DISPATCH(MatMulRowsImpl)
-  (x, x_stride, tokens, weight, weight_type, in, row_begin, row_end, out, out_stride);
+  (x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
 }
 
 float DotF32(const float* a, const float* b, int64_t n) {

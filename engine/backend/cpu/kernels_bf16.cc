@@ -29,72 +29,71 @@ MOE_BF16_INLINE __m512bh LoadBf16(const uint16_t* p, int64_t n) {
   return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
 }
 
-// A tile of kRows weight rows x kTokens tokens; every (row, token) pair has its own
-// accumulator over k in the same order, so a token's result never depends on the tile.
-// kPrefetchRows > 0: prefetch the weights that many rows ahead (one line per row per step).
-template <int kRows, int kTokens, int kPrefetchRows = 0>
-MOE_BF16_INLINE void Tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t in,
-                          float* out, int64_t out_stride) {
+constexpr int64_t kRows = PackedMatrix::kBlockRows;
+constexpr int64_t kChunk = PackedMatrix::kChunk;  // one vector of bf16
+
+// One packed block of 4 rows x kTokens tokens over all of k; every (row, token) pair has its
+// own accumulator over k in the same order, so a token's result never depends on the tile.
+// Writes the rows [row_lo, row_hi) of the block: out[t * out_stride + r].
+template <int kTokens, bool kPrefetch = false>
+MOE_BF16_INLINE void Tile(const uint16_t* x, int64_t x_stride, int64_t in, const uint16_t* block,
+                          float* out, int64_t out_stride, int64_t row_lo, int64_t row_hi) {
   __m512 acc[kRows][kTokens];
   for (int r = 0; r < kRows; ++r) {
     for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_setzero_ps();
   }
-  int64_t k = 0;
-  for (; k + 32 <= in; k += 32) {
+  for (int64_t k = 0; k < in; k += kChunk) {
+    // Past `in`: x masked to zero here, the packed weights are zero.
     __m512bh xv[kTokens];
-    for (int t = 0; t < kTokens; ++t) {
-      xv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + t * x_stride + k));
-    }
-    if constexpr (kPrefetchRows > 0) {
-      for (int r = 0; r < kRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * in + k), _MM_HINT_T0);
-      }
+    for (int t = 0; t < kTokens; ++t) xv[t] = LoadBf16(x + t * x_stride + k, in - k);
+    const uint16_t* w = block + (k / kChunk) * kRows * kChunk;
+    if (kPrefetch) {
+      const char* ahead = reinterpret_cast<const char*>(w) + kStreamPrefetchBytes;
+      for (int64_t b = 0; b < kRows * kChunk * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     for (int r = 0; r < kRows; ++r) {
-      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + r * in + k));
+      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_load_si512(w + r * kChunk));
       for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
     }
   }
-  if (k < in) {  // tail: zero-filled masked loads
-    const int64_t n = in - k;
-    __m512bh xv[kTokens];
-    for (int t = 0; t < kTokens; ++t) xv[t] = LoadBf16(x + t * x_stride + k, n);
-    for (int r = 0; r < kRows; ++r) {
-      const __m512bh wv = LoadBf16(w + r * in + k, n);
-      for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+  if constexpr (kTokens == 4) {
+    if (row_lo == 0 && row_hi == kRows) {
+      StoreSums4x4Avx512(acc, out, out_stride);
+      return;
     }
   }
-  if constexpr (kRows == 4 && kTokens == 4) {
-    StoreSums4x4Avx512(acc, out, out_stride);
-  } else {
-    for (int r = 0; r < kRows; ++r) {
-      for (int t = 0; t < kTokens; ++t) out[t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]);
-    }
+  // Constant indices into acc (a variable one would keep the tile in memory, not registers).
+  for (int r = 0; r < kRows; ++r) {
+    if (r < row_lo || r >= row_hi) continue;
+    for (int t = 0; t < kTokens; ++t) out[t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]);
   }
 }
 
-template <int kRows, int kPrefetchRows = 0>
-MOE_BF16_INLINE void RowsAllTokens(const uint16_t* x, int64_t x_stride, int64_t tokens,
-                                   const uint16_t* w, int64_t in, float* out, int64_t out_stride) {
+// All tokens through one block: tiles of 4 tokens, then 1-3. The first tile reads the block
+// from memory and prefetches the stream kStreamPrefetchBytes ahead; the others find it in L1.
+MOE_BF16_INLINE void BlockAllTokens(const uint16_t* x, int64_t x_stride, int64_t tokens, int64_t in,
+                                    const uint16_t* block, float* out, int64_t out_stride,
+                                    int64_t row_lo, int64_t row_hi) {
   int64_t t = 0;
   for (; t + 4 <= tokens; t += 4) {
-    if (t == 0) {  // only the first token tile reads the rows from memory
-      Tile<kRows, 4, kPrefetchRows>(x, x_stride, w, in, out, out_stride);
+    if (t == 0) {
+      Tile<4, true>(x, x_stride, in, block, out, out_stride, row_lo, row_hi);
     } else {
-      Tile<kRows, 4>(x + t * x_stride, x_stride, w, in, out + t * out_stride, out_stride);
+      Tile<4>(x + t * x_stride, x_stride, in, block, out + t * out_stride, out_stride, row_lo,
+              row_hi);
     }
   }
   const uint16_t* xt = x + t * x_stride;
   float* ot = out + t * out_stride;
   switch (tokens - t) {
     case 3:
-      Tile<kRows, 3, kPrefetchRows>(xt, x_stride, w, in, ot, out_stride);
+      Tile<3, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
       break;
     case 2:
-      Tile<kRows, 2, kPrefetchRows>(xt, x_stride, w, in, ot, out_stride);
+      Tile<2, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
       break;
     case 1:
-      Tile<kRows, 1, kPrefetchRows>(xt, x_stride, w, in, ot, out_stride);
+      Tile<1, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
       break;
     default:
       break;
@@ -102,36 +101,24 @@ MOE_BF16_INLINE void RowsAllTokens(const uint16_t* x, int64_t x_stride, int64_t 
 }
 
 MOE_BF16_TARGET void MatMulRowsBf16Impl(const uint16_t* x, int64_t x_stride, int64_t tokens,
-                                        const uint16_t* weight, int64_t in, int64_t row_begin,
+                                        const PackedMatrix& weight, int64_t row_begin,
                                         int64_t row_end, float* out, int64_t out_stride) {
   // Same blocking as the fp32 kernel: a token block of x (~256 KiB of bf16) stays in L2
-  // while blocks of 32 rows sweep over it.
+  // while sweeps of 8 weight blocks (32 rows) go over it; with few tokens, one pass.
+  const auto* packed = static_cast<const uint16_t*>(weight.data());
+  const int64_t in = weight.in(), block_elements = weight.block_elements();
   const int64_t x_row_bytes = in * static_cast<int64_t>(sizeof(uint16_t));
   const int64_t token_block = std::max<int64_t>(4, (int64_t{256} << 10) / x_row_bytes / 4 * 4);
-  const int64_t row_block = tokens < 4 ? row_end - row_begin : 32;
+  constexpr int64_t kSweepBlocks = 8;
+  const int64_t first_block = row_begin / kRows, end_block = (row_end + kRows - 1) / kRows;
   for (int64_t t0 = 0; t0 < tokens; t0 += token_block) {
     const int64_t t1 = std::min(tokens, t0 + token_block);
-    const uint16_t* xb = x + t0 * x_stride;
-    float* ob = out + t0 * out_stride;
-    for (int64_t r0 = row_begin; r0 < row_end; r0 += row_block) {
-      const int64_t r1 = std::min(row_end, r0 + row_block);
-      int64_t r = r0;
-      if (t1 - t0 < 4) {
-        // Decode: one row at a time, one sequential stream (as in the fp32 kernel).
-        for (; r + 1 + 8 <= r1; ++r) {
-          RowsAllTokens<1, 8>(xb, x_stride, t1 - t0, weight + r * in, in, ob + r, out_stride);
-        }
-      }
-      if (t0 == 0) {  // first sweep over these rows: from memory, prefetched
-        for (; r + 4 <= r1 && r + 4 + 8 <= row_end; r += 4) {
-          RowsAllTokens<4, 8>(xb, x_stride, t1 - t0, weight + r * in, in, ob + r, out_stride);
-        }
-      }
-      for (; r + 4 <= r1; r += 4) {
-        RowsAllTokens<4>(xb, x_stride, t1 - t0, weight + r * in, in, ob + r, out_stride);
-      }
-      for (; r < r1; ++r) {
-        RowsAllTokens<1>(xb, x_stride, t1 - t0, weight + r * in, in, ob + r, out_stride);
+    for (int64_t b0 = first_block; b0 < end_block; b0 += kSweepBlocks) {
+      for (int64_t b = b0; b < std::min(end_block, b0 + kSweepBlocks); ++b) {
+        const int64_t row_lo = std::max<int64_t>(0, row_begin - b * kRows);
+        const int64_t row_hi = std::min<int64_t>(kRows, row_end - b * kRows);
+        BlockAllTokens(x + t0 * x_stride, x_stride, t1 - t0, in, packed + b * block_elements,
+                       out + t0 * out_stride + b * kRows, out_stride, row_lo, row_hi);
       }
     }
   }
@@ -159,10 +146,9 @@ bool HasBf16DotProduct() {
   return has;
 }
 
-void MatMulRowsBf16(const uint16_t* x, int64_t x_stride, int64_t tokens, const uint16_t* weight,
-                    int64_t in, int64_t row_begin, int64_t row_end, float* out,
-                    int64_t out_stride) {
-  MatMulRowsBf16Impl(x, x_stride, tokens, weight, in, row_begin, row_end, out, out_stride);
+void MatMulRowsBf16(const uint16_t* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
+                    int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
+  MatMulRowsBf16Impl(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
 }
 
 void FloatToBf16Rows(const float* x, int64_t x_stride, int64_t rows, int64_t cols, uint16_t* out,
@@ -174,7 +160,7 @@ void FloatToBf16Rows(const float* x, int64_t x_stride, int64_t rows, int64_t col
 
 bool HasBf16DotProduct() { return false; }
 
-void MatMulRowsBf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+void MatMulRowsBf16(const uint16_t*, int64_t, int64_t, const PackedMatrix&, int64_t, int64_t,
                     float*, int64_t) {}
 
 void FloatToBf16Rows(const float* x, int64_t x_stride, int64_t rows, int64_t cols, uint16_t* out,
