@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "engine/backend/cpu/cpu_backend.h"
 #include "engine/backend/cpu/kernels.h"
 #include "engine/backend/cpu/thread_pool.h"
 #include "engine/model/dtype.h"
@@ -176,6 +177,58 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MatMulShapes,
                                            std::make_tuple(4, 1024, 8), std::make_tuple(9, 333, 13),
                                            std::make_tuple(37, 2816, 21),
                                            std::make_tuple(150, 1024, 6)));
+
+TEST(SiluMulTest, CloseToStdExpAndIndependentOfTheRange) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-30.0f, 30.0f);
+  std::vector<float> gate(1000), up(1000), out(1000);
+  for (size_t i = 0; i < gate.size(); ++i) {
+    gate[i] = dist(rng);
+    up[i] = dist(rng);
+  }
+  gate[0] = -100.0f;  // exp(100) overflows float: clamped
+  gate[1] = 100.0f;
+  gate[2] = 0.0f;
+  cpu::SiluMul(gate.data(), up.data(), out.data(), static_cast<int64_t>(gate.size()));
+  for (size_t i = 0; i < gate.size(); ++i) {
+    const double g = gate[i], expected = g / (1.0 + std::exp(-g)) * up[i];
+    ASSERT_NEAR(out[i], expected, 1e-6 * std::abs(expected) + 1e-30) << i << " g=" << g;
+  }
+  // Any sub-range (threads split the rows; the tail runs on a padded copy): the same bits.
+  for (int64_t begin : {0, 3, 17}) {
+    for (int64_t end : {5, 21, 999}) {
+      if (end <= begin) continue;
+      std::vector<float> part(end - begin);
+      cpu::SiluMul(gate.data() + begin, up.data() + begin, part.data(), end - begin);
+      for (int64_t i = begin; i < end; ++i) ASSERT_EQ(part[i - begin], out[i]) << begin << " " << i;
+    }
+  }
+}
+
+TEST(CpuBackendTest, MatmulWeightsMustBePreparedFirst) {
+  const std::vector<float> values = {1, 2, 3, 4, 5, 6};  // [3, 2]
+  auto view = [&](const char* name) {
+    TensorView v;
+    v.name = name;
+    v.dtype = DType::kF32;
+    v.shape = {3, 2};
+    v.data = reinterpret_cast<const std::byte*>(values.data());
+    v.num_bytes = static_cast<int64_t>(values.size() * sizeof(float));
+    return v;
+  };
+  const TensorView head = view("lm_head"), stranger = view("stranger");
+  ModelWeights weights;
+  weights.lm_head = &head;
+  const std::unique_ptr<Backend> cpu = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(cpu->PrepareWeights(weights).ok());
+  std::vector<float> x = {1, -1}, out(3);
+  const Matrix in = Matrix::Dense(x.data(), 1, 2), result = Matrix::Dense(out.data(), 1, 3);
+  ASSERT_TRUE(cpu->Linear(in, head, nullptr, result).ok());
+  EXPECT_EQ(out, (std::vector<float>{-1, -1, -1}));
+  const absl::Status status = cpu->Linear(in, stranger, nullptr, result);
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+  EXPECT_NE(status.message().find("stranger"), absl::string_view::npos) << status;
+}
 
 TEST(ThreadPoolTest, EveryIndexExactlyOnce) {
   cpu::ThreadPool pool(3);

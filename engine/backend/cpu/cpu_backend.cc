@@ -31,8 +31,6 @@ float ElementAsFloat(const TensorView& view, int64_t index) {
   }
 }
 
-float Silu(float x) { return x / (1.0f + std::exp(-x)); }
-
 // Rows of an MLP input that belong to one expert (or all rows, for a dense MLP), with the
 // expert's packed weights.
 struct ExpertGroup {
@@ -489,9 +487,8 @@ class CpuBackend final : public Backend {
           cpu::MatMulRows(x, hidden, group.num_rows, *group.up, lo, hi, up_out, max_ffn);
         }
         for (int64_t r = 0; r < group.num_rows; ++r) {
-          for (int64_t c = lo; c < hi; ++c) {
-            gate_out[r * max_ffn + c] = Silu(gate_out[r * max_ffn + c]) * up_out[r * max_ffn + c];
-          }
+          cpu::SiluMul(gate_out + r * max_ffn + lo, up_out + r * max_ffn + lo,
+                       gate_out + r * max_ffn + lo, hi - lo);
           if (bf16) {
             cpu::FloatToBf16Rows(gate_out + r * max_ffn + lo, max_ffn, 1, hi - lo,
                                  activation_bf16_.data() + (group.first_row + r) * max_ffn + lo,

@@ -9,6 +9,8 @@
 #include "engine/backend/cpu/sums_4x4_avx512.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
+// After highway.h:
+#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moe::cpu {
@@ -205,6 +207,29 @@ void AxpyF32Impl(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+void SiluMulImpl(const float* gate, const float* up, float* out, int64_t n) {
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const hn::Vec<DF> one = hn::Set(df, 1.0f);
+  // exp(-g) overflows past 88.7; clamped, silu(g) for g < -88 is ~1e-36 instead of -0.
+  const hn::Vec<DF> limit = hn::Set(df, 88.0f);
+  auto silu_mul = [&](hn::Vec<DF> g, hn::Vec<DF> u) HWY_ATTR {
+    const hn::Vec<DF> e = hn::Exp(df, hn::Min(hn::Neg(g), limit));
+    return hn::Mul(hn::Div(g, hn::Add(one, e)), u);
+  };
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    hn::StoreU(silu_mul(hn::LoadU(df, gate + i), hn::LoadU(df, up + i)), df, out + i);
+  }
+  if (i < n) {  // the same vector code on a zero-padded copy: no element depends on where n ends
+    HWY_ALIGN float g[hn::MaxLanes(df)] = {}, u[hn::MaxLanes(df)] = {}, o[hn::MaxLanes(df)];
+    std::copy(gate + i, gate + n, g);
+    std::copy(up + i, up + n, u);
+    hn::Store(silu_mul(hn::Load(df, g), hn::Load(df, u)), df, o);
+    std::copy(o, o + (n - i), out + i);
+  }
+}
+
 const char* SelectedTargetImpl() { return hwy::TargetName(HWY_TARGET); }
 
 }  // namespace HWY_NAMESPACE
@@ -217,6 +242,7 @@ namespace moe::cpu {
 HWY_EXPORT(MatMulRowsImpl);
 HWY_EXPORT(DotF32Impl);
 HWY_EXPORT(AxpyF32Impl);
+HWY_EXPORT(SiluMulImpl);
 HWY_EXPORT(SelectedTargetImpl);
 
 void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
@@ -231,6 +257,10 @@ float DotF32(const float* a, const float* b, int64_t n) {
 
 void AxpyF32(float alpha, const float* x, float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(AxpyF32Impl)(alpha, x, y, n);
+}
+
+void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(SiluMulImpl)(gate, up, out, n);
 }
 
 const char* SelectedTarget() { return HWY_DYNAMIC_DISPATCH(SelectedTargetImpl)(); }

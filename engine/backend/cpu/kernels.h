@@ -60,6 +60,9 @@ void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const PackedMa
 float DotF32(const float* a, const float* b, int64_t n);
 // y += alpha * x
 void AxpyF32(float alpha, const float* x, float* y, int64_t n);
+// out[i] = silu(gate[i]) * up[i] (SwiGLU), vectorised exp (within 2 ulp of std::exp); out may
+// alias gate. Each element's value depends only on its inputs.
+void SiluMul(const float* gate, const float* up, float* out, int64_t n);
 
 // ---- bf16 activations (an opt-in, lower-precision path; kernels_bf16.cc) ----------------
 // Whether this CPU has AVX512-BF16 dot products (vdpbf16ps); MatMulRowsBf16 is usable only
