@@ -13,12 +13,16 @@
 // carrying tokens, divided among the tokens of a coalesced response), TPOT ((e2e - TTFT) /
 // (tokens - 1)) and end-to-end latency, as mean/p50/p90/p99; request and token throughput;
 // errors by gRPC status code.
+//
+// --tls_ca (TLS), --tls_cert/--tls_key (mutual TLS) and --auth_token reach a secured server, as
+// with moe-client.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -31,6 +35,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "client/connection.h"
 #include "engine/common/program_usage.h"
 #include "grpcpp/grpcpp.h"
 #include "moe/serving/v1/inference.grpc.pb.h"
@@ -78,6 +83,7 @@ Sample RunOne(v1::Inference::Stub& stub, const v1::GenerateRequest& request) {
   Sample sample;
   sample.prompt_tokens = request.token_ids().ids_size();
   grpc::ClientContext context;
+  moe::client::AddAuthToken(context);
   context.set_deadline(
       std::chrono::system_clock::now() +
       std::chrono::milliseconds(static_cast<int64_t>(absl::GetFlag(FLAGS_timeout) * 1e3)));
@@ -128,7 +134,7 @@ nlohmann::json Summary(std::vector<double> values) {
 
 int main(int argc, char** argv) {
   moe::SetProgramUsage(
-      "client/moe_bench.cc",
+      {"client/moe_bench.cc", "client/connection.cc"},
       "load generator for moe-serve: TTFT, inter-token latency, TPOT, end-to-end latency "
       "percentiles, throughput, errors by status code");
   absl::ParseCommandLine(argc, argv);
@@ -140,12 +146,15 @@ int main(int argc, char** argv) {
   }
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(64 << 20);
-  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_target),
-                                           grpc::InsecureChannelCredentials(), channel_args);
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      moe::client::ChannelCredentials("moe-bench");
+  if (credentials == nullptr) return 2;
+  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_target), credentials, channel_args);
   auto stub = v1::Inference::NewStub(channel);
   v1::ModelInfo info;
   {
     grpc::ClientContext context;
+    moe::client::AddAuthToken(context);
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     const grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
     if (!status.ok()) {

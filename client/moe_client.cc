@@ -11,9 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,6 +24,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "client/connection.h"
 #include "engine/common/program_usage.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -34,13 +33,6 @@
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, target, "", "Server address (default localhost:50051; env MOE_TARGET)");
-ABSL_FLAG(std::string, tls_ca, "",
-          "PEM CA bundle that signed the server's certificate: connect with TLS (env MOE_TLS_CA)");
-ABSL_FLAG(std::string, tls_cert, "",
-          "PEM client certificate for mutual TLS, with --tls_key (env MOE_TLS_CERT)");
-ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert (env MOE_TLS_KEY)");
-ABSL_FLAG(std::string, auth_token, "",
-          "Bearer token sent as `authorization: Bearer TOKEN` (env MOE_AUTH_TOKEN)");
 ABSL_FLAG(bool, json, false, "Machine output: one JSON object per line");
 ABSL_FLAG(double, timeout, 0, "Deadline in seconds (0 = none)");
 // generate
@@ -77,52 +69,9 @@ std::string Target() {
   return target;
 }
 
-// The flag's value, else the environment variable's, else "".
-std::string FlagOrEnv(const absl::Flag<std::string>& flag, const char* env) {
-  std::string value = absl::GetFlag(flag);
-  if (value.empty()) {
-    const char* from_env = std::getenv(env);
-    if (from_env != nullptr) value = from_env;
-  }
-  return value;
-}
-
-bool ReadFile(const std::string& path, std::string* out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return false;
-  std::stringstream text;
-  text << in.rdbuf();
-  *out = text.str();
-  return !in.bad();
-}
-
-// Plaintext, TLS (--tls_ca) or mutual TLS (--tls_ca with --tls_cert and --tls_key); null with a
-// message on stderr when a file cannot be read.
-std::shared_ptr<grpc::ChannelCredentials> Credentials() {
-  const std::string ca = FlagOrEnv(FLAGS_tls_ca, "MOE_TLS_CA");
-  const std::string cert = FlagOrEnv(FLAGS_tls_cert, "MOE_TLS_CERT");
-  const std::string key = FlagOrEnv(FLAGS_tls_key, "MOE_TLS_KEY");
-  if (ca.empty() && cert.empty() && key.empty()) return grpc::InsecureChannelCredentials();
-  if (cert.empty() != key.empty()) {
-    std::fprintf(stderr, "moe-client: --tls_cert and --tls_key go together\n");
-    return nullptr;
-  }
-  grpc::SslCredentialsOptions ssl;
-  const std::pair<const std::string*, std::string*> files[] = {
-      {&ca, &ssl.pem_root_certs}, {&cert, &ssl.pem_cert_chain}, {&key, &ssl.pem_private_key}};
-  for (const auto& [path, out] : files) {
-    if (!path->empty() && !ReadFile(*path, out)) {
-      std::fprintf(stderr, "moe-client: cannot read %s\n", path->c_str());
-      return nullptr;
-    }
-  }
-  return grpc::SslCredentials(ssl);
-}
-
 // Deadline (--timeout) and bearer token (--auth_token) of every call.
 void SetDeadline(grpc::ClientContext& context) {
-  static const std::string token = FlagOrEnv(FLAGS_auth_token, "MOE_AUTH_TOKEN");
-  if (!token.empty()) context.AddMetadata("authorization", "Bearer " + token);
+  moe::client::AddAuthToken(context);
   const double timeout = absl::GetFlag(FLAGS_timeout);
   if (timeout > 0) {
     context.set_deadline(std::chrono::system_clock::now() +
@@ -385,7 +334,7 @@ int Health(const std::shared_ptr<grpc::Channel>& channel, const std::string& ser
 
 int main(int argc, char** argv) {
   moe::SetProgramUsage(
-      "client/moe_client.cc",
+      {"client/moe_client.cc", "client/connection.cc"},
       "moe-client COMMAND [ARGS] [flags]\n"
       "  generate PROMPT   stream generated text to stdout (--json: one JSON object per "
       "response; --token_ids=1,2,3 instead of PROMPT)\n"
@@ -405,7 +354,8 @@ int main(int argc, char** argv) {
   const std::string arg = args.size() > 2 ? args[2] : "";
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(64 << 20);
-  std::shared_ptr<grpc::ChannelCredentials> credentials = Credentials();
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      moe::client::ChannelCredentials("moe-client");
   if (credentials == nullptr) return 2;
   auto channel = grpc::CreateCustomChannel(Target(), credentials, channel_args);
   v1::Inference::Stub stub(channel);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Security of the real moe-serve binary: TLS, mutual TLS and bearer-token authentication on the
 gRPC port, with certificates made at test time by the openssl CLI, called with Python grpcio
-(reflection only, no generated code) and with moe-client.
+(reflection only, no generated code) and with moe-client and moe-bench.
 
 - TLS (--tls_cert/--tls_key): TLS clients trusting the CA are served; plaintext clients and
   clients trusting another CA are not.
@@ -10,6 +10,8 @@ gRPC port, with certificates made at test time by the openssl CLI, called with P
 - Tokens (MOE_AUTH_TOKENS / --auth_tokens_file, set through MOE_* environment variables here):
   every Inference method is UNAUTHENTICATED without a valid `authorization: Bearer` token;
   grpc.health.v1 and reflection answer without one.
+- moe-bench takes moe-client's TLS, mutual TLS and token flags: it runs against a mutual-TLS
+  server with tokens, and fails without its token.
 - The metrics port binds to its own address (--metrics_host).
 - No request message carries a path, file, directory or model name: the model comes only from
   the server's configuration.
@@ -159,10 +161,10 @@ class SecurityTest(unittest.TestCase):
             self.health(channel, timeout=5)
         self.assertEqual(error.exception.code(), grpc.StatusCode.UNAVAILABLE)
 
-    def client(self, target, *args, env=None):
+    def client(self, target, *args, env=None, program="moe-client"):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
         full_env.update(env or {})
-        return subprocess.run([os.path.join(BUILD_DIR, "client", "moe-client"),
+        return subprocess.run([os.path.join(BUILD_DIR, "client", program),
                                f"--target={target}", *args],
                               capture_output=True, text=True, env=full_env, timeout=60)
 
@@ -261,6 +263,26 @@ class SecurityTest(unittest.TestCase):
                                      f"--auth_tokens_file={path}"])
         try:
             self.check_tokens(server)
+        finally:
+            server.stop()
+
+    def test_bench_mutual_tls_and_token(self):
+        server = Server(self.model, [f"--tls_cert={self.path('server.pem')}",
+                                     f"--tls_key={self.path('server.key')}",
+                                     f"--tls_client_ca={self.path('ca.pem')}"],
+                        env={"MOE_AUTH_TOKENS": TOKEN})
+        try:
+            mtls = [f"--tls_ca={self.path('ca.pem')}", f"--tls_cert={self.path('client.pem')}",
+                    f"--tls_key={self.path('client.key')}", "--num_requests=4", "--warmup=1",
+                    "--concurrency=2", "--prompt_tokens=4", "--output_tokens=4", "--json"]
+            out = self.client(server.target, *mtls, f"--auth_token={TOKEN}", program="moe-bench")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            report = json.loads(out.stdout)
+            self.assertEqual((report["requests"], report["succeeded"], report["errors_by_code"]),
+                             (4, 4, {}), out.stdout)
+            out = self.client(server.target, *mtls, program="moe-bench")  # no token
+            self.assertNotEqual(out.returncode, 0)
+            self.assertIn("authorization", out.stderr)  # UNAUTHENTICATED: missing metadata
         finally:
             server.stop()
 
