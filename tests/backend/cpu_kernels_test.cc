@@ -205,6 +205,28 @@ TEST(SiluMulTest, CloseToStdExpAndIndependentOfTheRange) {
   }
 }
 
+TEST(AttentionKernelsTest, RowGatheringKernelsEqualDotAndAxpyBitForBit) {
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (int64_t dim : {64, 128, 72, 5}) {
+    std::vector<float> base(50 * 200), q(dim), weights(37);
+    for (float& v : base) v = dist(rng);
+    for (float& v : q) v = dist(rng);
+    for (float& v : weights) v = dist(rng);
+    std::vector<int64_t> rows(weights.size());
+    for (size_t p = 0; p < rows.size(); ++p) rows[p] = (p * 7919) % 45 * 200 + (p % 3);
+    std::vector<float> dots(rows.size()), sum(dim), expected(dim, 0.0f);
+    const int64_t n = static_cast<int64_t>(rows.size());
+    cpu::DotRows(q.data(), base.data(), rows.data(), n, dim, dots.data());
+    cpu::WeightedSumRows(weights.data(), base.data(), rows.data(), n, dim, sum.data());
+    for (int64_t p = 0; p < n; ++p) {
+      ASSERT_EQ(dots[p], cpu::DotF32(q.data(), base.data() + rows[p], dim)) << dim << " " << p;
+      cpu::AxpyF32(weights[p], base.data() + rows[p], expected.data(), dim);
+    }
+    EXPECT_EQ(sum, expected) << dim;
+  }
+}
+
 TEST(CpuBackendTest, MatmulWeightsMustBePreparedFirst) {
   const std::vector<float> values = {1, 2, 3, 4, 5, 6};  // [3, 2]
   auto view = [&](const char* name) {

@@ -237,6 +237,7 @@ class CpuBackend final : public Backend {
     const float* values = values_[params.layer].as<float>();
     pool_.ParallelFor(q.rows * params.num_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
+      std::vector<int64_t> rows;  // [positions] offset of each position's K/V head vector
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / params.num_heads;
         const int32_t head = static_cast<int32_t>(item % params.num_heads);
@@ -245,17 +246,19 @@ class CpuBackend final : public Backend {
         const int32_t position = batch_->positions[t];
         const int32_t first =
             params.sliding_window > 0 ? std::max(0, position - params.sliding_window + 1) : 0;
-        const float* query = q.row(t) + int64_t{head} * params.head_dim;
-        scores.resize(position - first + 1);
-        float max_score = -std::numeric_limits<float>::infinity();
+        const int64_t n = position - first + 1;
+        rows.resize(n);
         for (int32_t p = first; p <= position; ++p) {
           const int64_t slot =
               int64_t{chunk.block_table[p / block_size]} * block_size + p % block_size;
-          const float score =
-              cpu::DotF32(query, keys + slot * kv_dim + int64_t{kv_head} * params.head_dim,
-                          params.head_dim) *
-              params.scale;
-          scores[p - first] = score;
+          rows[p - first] = slot * kv_dim + int64_t{kv_head} * params.head_dim;
+        }
+        scores.resize(n);
+        cpu::DotRows(q.row(t) + int64_t{head} * params.head_dim, keys, rows.data(), n,
+                     params.head_dim, scores.data());
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (float& score : scores) {
+          score *= params.scale;
           max_score = std::max(max_score, score);
         }
         float total = 0.0f;
@@ -263,15 +266,9 @@ class CpuBackend final : public Backend {
           score = std::exp(score - max_score);
           total += score;
         }
-        float* result = out.row(t) + int64_t{head} * params.head_dim;
-        std::fill(result, result + params.head_dim, 0.0f);
-        for (int32_t p = first; p <= position; ++p) {
-          const int64_t slot =
-              int64_t{chunk.block_table[p / block_size]} * block_size + p % block_size;
-          cpu::AxpyF32(scores[p - first] / total,
-                       values + slot * kv_dim + int64_t{kv_head} * params.head_dim, result,
-                       params.head_dim);
-        }
+        for (float& score : scores) score /= total;
+        cpu::WeightedSumRows(scores.data(), values, rows.data(), n, params.head_dim,
+                             out.row(t) + int64_t{head} * params.head_dim);
       }
     });
     return absl::OkStatus();

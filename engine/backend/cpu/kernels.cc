@@ -207,6 +207,42 @@ void AxpyF32Impl(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+void DotRowsImpl(const float* q, const float* base, const int64_t* rows, int64_t n, int64_t dim,
+                 float* out) {
+  for (int64_t p = 0; p < n; ++p) out[p] = DotF32Impl(q, base + rows[p], dim);
+}
+
+void WeightedSumRowsImpl(const float* weights, const float* base, const int64_t* rows, int64_t n,
+                         int64_t dim, float* out) {
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  constexpr int kVectors = 4;  // a 64-wide head in registers on AVX-512
+  int64_t d = 0;
+  for (; d + kVectors * lanes <= dim; d += kVectors * lanes) {
+    hn::Vec<DF> acc[kVectors];
+    for (int j = 0; j < kVectors; ++j) acc[j] = hn::Zero(df);
+    for (int64_t p = 0; p < n; ++p) {
+      const hn::Vec<DF> w = hn::Set(df, weights[p]);
+      const float* row = base + rows[p] + d;
+      for (int j = 0; j < kVectors; ++j)
+        acc[j] = hn::MulAdd(w, hn::LoadU(df, row + j * lanes), acc[j]);
+    }
+    for (int j = 0; j < kVectors; ++j) hn::StoreU(acc[j], df, out + d + j * lanes);
+  }
+  for (; d + lanes <= dim; d += lanes) {
+    hn::Vec<DF> acc = hn::Zero(df);
+    for (int64_t p = 0; p < n; ++p) {
+      acc = hn::MulAdd(hn::Set(df, weights[p]), hn::LoadU(df, base + rows[p] + d), acc);
+    }
+    hn::StoreU(acc, df, out + d);
+  }
+  for (; d < dim; ++d) {  // as AxpyF32's scalar tail
+    float acc = 0.0f;
+    for (int64_t p = 0; p < n; ++p) acc += weights[p] * base[rows[p] + d];
+    out[d] = acc;
+  }
+}
+
 void SiluMulImpl(const float* gate, const float* up, float* out, int64_t n) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
@@ -243,6 +279,8 @@ HWY_EXPORT(MatMulRowsImpl);
 HWY_EXPORT(DotF32Impl);
 HWY_EXPORT(AxpyF32Impl);
 HWY_EXPORT(SiluMulImpl);
+HWY_EXPORT(DotRowsImpl);
+HWY_EXPORT(WeightedSumRowsImpl);
 HWY_EXPORT(SelectedTargetImpl);
 
 void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
@@ -257,6 +295,16 @@ float DotF32(const float* a, const float* b, int64_t n) {
 
 void AxpyF32(float alpha, const float* x, float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(AxpyF32Impl)(alpha, x, y, n);
+}
+
+void DotRows(const float* q, const float* base, const int64_t* rows, int64_t n, int64_t dim,
+             float* out) {
+  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(q, base, rows, n, dim, out);
+}
+
+void WeightedSumRows(const float* weights, const float* base, const int64_t* rows, int64_t n,
+                     int64_t dim, float* out) {
+  HWY_DYNAMIC_DISPATCH(WeightedSumRowsImpl)(weights, base, rows, n, dim, out);
 }
 
 void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
