@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "grpcpp/impl/rpc_method.h"
@@ -550,15 +551,36 @@ TEST(ServerTest, SlowReaderDoesNotStallTheEngine) {
 }
 
 TEST(ServerTest, OverloadIsResourceExhausted) {
+  // The engine thread can be held after a step, so that A cannot finish (and let B run, which
+  // would leave room in the queue for C) however slow this machine or build is.
+  struct Gate {
+    absl::Mutex mu;
+    bool hold = false;
+  };
+  auto gate = std::make_shared<Gate>();
   ServerOptions options = TestOptions();
   options.max_num_seqs = 1;
   options.max_queued_requests = 1;
+  options.make_hooks = [gate](const LoadedModel&) {
+    ServerHooks hooks;
+    hooks.on_step = [gate](const EngineStepInfo&) {
+      absl::MutexLock lock(&gate->mu);
+      gate->mu.Await(absl::Condition(
+          +[](bool* hold) { return !*hold; }, &gate->hold));
+    };
+    return hooks;
+  };
+  auto set_hold = [&](bool hold) {
+    absl::MutexLock lock(&gate->mu);
+    gate->hold = hold;
+  };
   auto s = TestServer::Start(options);
-  // A: running (it streamed a token). B: waiting behind it (max_num_seqs = 1).
+  // A: running (it streamed a token), then held. B: waiting behind it (max_num_seqs = 1).
   grpc::ClientContext a_context;
   auto a = s->stub->Generate(&a_context, GreedyRequest(Prompt(7, 5), 4000));
   v1::GenerateResponse response;
   ASSERT_TRUE(a->Read(&response));
+  set_hold(true);
   grpc::ClientContext b_context;
   auto b = s->stub->Generate(&b_context, GreedyRequest(Prompt(8, 5), 10));
   ASSERT_TRUE(WaitFor([&] { return s->server->engine()->Stats().requests_submitted == 2; }));
@@ -568,6 +590,7 @@ TEST(ServerTest, OverloadIsResourceExhausted) {
       << c.status.error_message();
   EXPECT_THAT(c.status.error_message(), HasSubstr("overloaded"));
   EXPECT_EQ(s->server->engine()->Stats().requests_overloaded, 1);
+  set_hold(false);
   a_context.TryCancel();
   while (a->Read(&response)) {
   }
