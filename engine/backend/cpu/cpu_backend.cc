@@ -451,7 +451,10 @@ class CpuBackend final : public Backend {
     up_.resize(total_rows * max_ffn);
     expert_out_.resize(total_rows * hidden);
     // With bf16 activations (bf16 expert weights): gathered_ and activation_ rounded to bf16.
-    const bool bf16 = UseBf16Activations(*groups.front().gate);
+    const bool bf16 = std::all_of(groups.begin(), groups.end(), [&](const ExpertGroup& group) {
+      return UseBf16Activations(*group.gate) && UseBf16Activations(*group.up) &&
+             UseBf16Activations(*group.down);
+    });
     if (bf16) {
       x_bf16_.resize(total_rows * hidden);
       cpu::FloatToBf16Rows(gathered_.data(), hidden, total_rows, hidden, x_bf16_.data(), hidden);
