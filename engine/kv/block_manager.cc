@@ -37,7 +37,7 @@ uint64_t BlockManager::HashBlock(uint64_t parent_hash, absl::Span<const int32_t>
 }
 
 int32_t BlockManager::AcquireCachedPrefix(absl::Span<const int32_t> tokens, int32_t max_blocks,
-                                          BlockTable& table) {
+                                          BlockTable& table, std::vector<uint64_t>* block_hashes) {
   if (!enable_prefix_caching_ || !table.blocks.empty()) return 0;
   ++counters_.prefix_queries;
   const int32_t full_blocks =
@@ -45,7 +45,13 @@ int32_t BlockManager::AcquireCachedPrefix(absl::Span<const int32_t> tokens, int3
   uint64_t parent = kRootHash;
   for (int32_t i = 0; i < full_blocks; ++i) {
     absl::Span<const int32_t> block_tokens = tokens.subspan(i * block_size_, block_size_);
-    const uint64_t h = HashBlock(parent, block_tokens);
+    uint64_t h;
+    if (block_hashes != nullptr && i < static_cast<int32_t>(block_hashes->size())) {
+      h = (*block_hashes)[i];
+    } else {
+      h = HashBlock(parent, block_tokens);
+      if (block_hashes != nullptr) block_hashes->push_back(h);  // i == size: blocks in order
+    }
     auto it = hash_to_block_.find(h);
     if (it == hash_to_block_.end()) break;
     const Block& block = blocks_[it->second];

@@ -78,8 +78,11 @@ class BlockManager {
   // the cache, at most `max_blocks` of them, takes a reference on each and appends them (and
   // their hashes) to `table`. Returns the number of tokens covered (a multiple of block_size).
   // Returns 0 without lookup when prefix caching is off.
+  // `block_hashes` (optional): a memo of the chained hashes of the leading full blocks of
+  // `tokens`, kept by the caller while `tokens` only grows (a waiting sequence retried every
+  // step), used and extended here so that each block is hashed once.
   int32_t AcquireCachedPrefix(absl::Span<const int32_t> tokens, int32_t max_blocks,
-                              BlockTable& table);
+                              BlockTable& table, std::vector<uint64_t>* block_hashes = nullptr);
 
   // Whether `table` can grow to hold `num_tokens` tokens with the free blocks now available.
   bool CanGrowTo(const BlockTable& table, int64_t num_tokens) const {

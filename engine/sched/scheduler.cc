@@ -94,8 +94,8 @@ bool Scheduler::TryAdmit(Sequence* seq, std::vector<ScheduledSequence>& picks, i
   // Waiting sequences hold no blocks. Reuse cached full blocks, but always leave the last
   // token to compute: its logits are needed.
   const int32_t max_cached_blocks = (seq->num_tokens() - 1) / block_manager_.block_size();
-  const int32_t cached =
-      block_manager_.AcquireCachedPrefix(seq->token_ids(), max_cached_blocks, seq->block_table_);
+  const int32_t cached = block_manager_.AcquireCachedPrefix(
+      seq->token_ids(), max_cached_blocks, seq->block_table_, &seq->prefix_block_hashes_);
   seq->num_computed_tokens_ = cached;
   const int32_t remaining = seq->num_uncomputed_tokens();
   const int32_t num_new = std::min(remaining, budget);

@@ -59,6 +59,9 @@ class Sequence {
   int32_t num_cached_tokens_ = 0;
   int32_t num_preemptions_ = 0;
   BlockTable block_table_;
+  // Chained hashes of the leading full blocks of token_ids_ (BlockManager::AcquireCachedPrefix's
+  // memo): a sequence that waits, or is preempted, is looked up again without rehashing.
+  std::vector<uint64_t> prefix_block_hashes_;
 };
 
 }  // namespace moe

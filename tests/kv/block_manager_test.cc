@@ -116,6 +116,25 @@ TEST(BlockManagerTest, SharedPrefixIsReusedWithRefCounts) {
   EXPECT_EQ(kv.AcquireCachedPrefix(tokens, 2, e), 8);
   kv.Release(e);
   ExpectHealthy(kv);
+
+  // With a memo of block hashes (a sequence retried every step): the same hits, and the memo
+  // holds the chained hashes of the blocks looked up, reused as they are on the next call.
+  std::vector<uint64_t> memo;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    BlockTable f;
+    EXPECT_EQ(kv.AcquireCachedPrefix(tokens, 2, f, &memo), 8) << attempt;
+    EXPECT_EQ(f.full_block_hashes, memo);
+    kv.Release(f);
+  }
+  ASSERT_EQ(memo.size(), 2u);
+  EXPECT_EQ(memo[0], BlockManager::HashBlock(BlockManager::kRootHash, {tokens.data(), 4}));
+  EXPECT_EQ(memo[1], BlockManager::HashBlock(memo[0], {tokens.data() + 4, 4}));
+  // A memo that stops at a miss grows no further than the lookup went.
+  std::vector<uint64_t> shifted_memo;
+  BlockTable g;
+  EXPECT_EQ(kv.AcquireCachedPrefix(shifted, 2, g, &shifted_memo), 0);
+  EXPECT_EQ(shifted_memo.size(), 1u);
+  ExpectHealthy(kv);
 }
 
 TEST(BlockManagerTest, SameBlockContentAfterDifferentPrefixDoesNotMatch) {
