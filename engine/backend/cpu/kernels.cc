@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "engine/backend/cpu/kernels.h"
+#include "engine/backend/cpu/packed_sweep.h"
 #include "engine/backend/cpu/sums_4x4_avx512.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
@@ -149,25 +150,13 @@ void MatMulPacked(const float* x, int64_t x_stride, int64_t tokens, const Packed
                   int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
   const auto* packed = static_cast<const typename Loader::Type*>(weight.data());
   const int64_t in = weight.in(), block_elements = weight.block_elements();
-  // Blocked for many tokens (prefill): a block of tokens (x: ~512 KiB) stays in L2 while 8
-  // weight blocks (32 rows) are swept over it, each staying in L1 while it meets every token.
-  // With few tokens (decode) this is one sequential pass over the rows.
-  const int64_t x_row_bytes = in * static_cast<int64_t>(sizeof(float));
-  const int64_t token_block = std::max<int64_t>(4, (int64_t{512} << 10) / x_row_bytes / 4 * 4);
-  constexpr int64_t kSweepBlocks = 8;
-  const int64_t first_block = row_begin / kRows, end_block = (row_end + kRows - 1) / kRows;
-  for (int64_t t0 = 0; t0 < tokens; t0 += token_block) {
-    const int64_t t1 = std::min(tokens, t0 + token_block);
-    for (int64_t b0 = first_block; b0 < end_block; b0 += kSweepBlocks) {
-      for (int64_t b = b0; b < std::min(end_block, b0 + kSweepBlocks); ++b) {
-        const int64_t row_lo = std::max<int64_t>(0, row_begin - b * kRows);
-        const int64_t row_hi = std::min<int64_t>(kRows, row_end - b * kRows);
+  SweepPackedBlocks(
+      tokens, in, row_begin, row_end,
+      [&](int64_t t0, int64_t t1, int64_t b, int64_t row_lo, int64_t row_hi) HWY_ATTR {
         BlockAllTokens<Loader>(x + t0 * x_stride, x_stride, t1 - t0, in,
                                packed + b * block_elements, out + t0 * out_stride + b * kRows,
                                out_stride, row_lo, row_hi);
-      }
-    }
-  }
+      });
 }
 
 void MatMulRowsImpl(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,

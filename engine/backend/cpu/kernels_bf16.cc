@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "engine/backend/cpu/kernels.h"
+#include "engine/backend/cpu/packed_sweep.h"
 #include "engine/backend/cpu/sums_4x4_avx512.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -103,25 +104,14 @@ MOE_BF16_INLINE void BlockAllTokens(const uint16_t* x, int64_t x_stride, int64_t
 MOE_BF16_TARGET void MatMulRowsBf16Impl(const uint16_t* x, int64_t x_stride, int64_t tokens,
                                         const PackedMatrix& weight, int64_t row_begin,
                                         int64_t row_end, float* out, int64_t out_stride) {
-  // Same blocking as the fp32 kernel: a token block of x (~256 KiB of bf16) stays in L2
-  // while sweeps of 8 weight blocks (32 rows) go over it; with few tokens, one pass.
   const auto* packed = static_cast<const uint16_t*>(weight.data());
   const int64_t in = weight.in(), block_elements = weight.block_elements();
-  const int64_t x_row_bytes = in * static_cast<int64_t>(sizeof(uint16_t));
-  const int64_t token_block = std::max<int64_t>(4, (int64_t{256} << 10) / x_row_bytes / 4 * 4);
-  constexpr int64_t kSweepBlocks = 8;
-  const int64_t first_block = row_begin / kRows, end_block = (row_end + kRows - 1) / kRows;
-  for (int64_t t0 = 0; t0 < tokens; t0 += token_block) {
-    const int64_t t1 = std::min(tokens, t0 + token_block);
-    for (int64_t b0 = first_block; b0 < end_block; b0 += kSweepBlocks) {
-      for (int64_t b = b0; b < std::min(end_block, b0 + kSweepBlocks); ++b) {
-        const int64_t row_lo = std::max<int64_t>(0, row_begin - b * kRows);
-        const int64_t row_hi = std::min<int64_t>(kRows, row_end - b * kRows);
+  SweepPackedBlocks(
+      tokens, in, row_begin, row_end,
+      [&](int64_t t0, int64_t t1, int64_t b, int64_t row_lo, int64_t row_hi) MOE_BF16_TARGET {
         BlockAllTokens(x + t0 * x_stride, x_stride, t1 - t0, in, packed + b * block_elements,
                        out + t0 * out_stride + b * kRows, out_stride, row_lo, row_hi);
-      }
-    }
-  }
+      });
 }
 
 MOE_BF16_TARGET void FloatToBf16Impl(const float* x, uint16_t* out, int64_t n) {
