@@ -25,13 +25,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import unittest
 import urllib.request
 
 try:
     import grpc
-    from google.protobuf import descriptor_pool, message_factory
+    from google.protobuf import descriptor_pool
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
@@ -42,6 +41,9 @@ except ImportError as error:  # pragma: no cover
 if shutil.which("openssl") is None:
     print("skipped: no openssl CLI")
     sys.exit(77)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testing"))
+from serve_process import ServerProcess, make_demo_model, message_class  # noqa: E402
 
 BUILD_DIR = SOURCE_DIR = None
 SERVICE = "moe.serving.v1.Inference"
@@ -73,39 +75,10 @@ def read(d, name):
         return f.read()
 
 
-class Server:
-    def __init__(self, model_dir, flags=(), env=None):
-        self.log_lines = []
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [os.path.join(BUILD_DIR, "server", "moe-serve"), f"--model={model_dir}",
-             "--host=127.0.0.1", "--port=0", "--metrics_port=-1", "--num_threads=1",
-             "--backend=cpu", "--kv_cache_mib=8", *flags],
-            stderr=subprocess.PIPE, text=True, env=full_env)
-        self.port = None
-        self.serving = threading.Event()
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.log_lines.append(line)
-                if m := re.search(r"listening on [0-9.]+:(\d+)", line):
-                    self.port = int(m.group(1))
-                    ready.set()
-                if "SERVING on" in line:
-                    self.serving.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(60)
-        if self.port is None or not self.serving.wait(60):
-            raise RuntimeError("moe-serve did not start:\n" + "".join(self.log_lines))
-        self.target = f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(60)
+def start_server(model_dir, flags=(), env=None):
+    """moe-serve on the demo model, no metrics port unless `flags` give one; waits for SERVING."""
+    return ServerProcess(BUILD_DIR, model_dir, ["--metrics_port=-1", "--kv_cache_mib=8", *flags],
+                         env=env, wait_serving=True)
 
 
 class SecurityTest(unittest.TestCase):
@@ -114,11 +87,7 @@ class SecurityTest(unittest.TestCase):
         cls.tmp = tempfile.TemporaryDirectory(prefix="moe_security_")
         d = cls.dir = cls.tmp.name
         cls.model = os.path.join(d, "demo")
-        subprocess.run(
-            [os.path.join(BUILD_DIR, "tools", "moe-make-model"), "--preset=demo",
-             f"--out={cls.model}",
-             f"--tokenizer={SOURCE_DIR}/tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json"],
-            check=True, stdout=subprocess.DEVNULL)
+        make_demo_model(BUILD_DIR, SOURCE_DIR, cls.model)
         make_ca(d, "ca")
         make_ca(d, "other_ca")
         make_cert(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
@@ -140,10 +109,8 @@ class SecurityTest(unittest.TestCase):
 
     def generate(self, channel, metadata=None, timeout=30):
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-        request_class = message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("moe.serving.v1.GenerateRequest"))
-        response_class = message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("moe.serving.v1.GenerateResponse"))
+        request_class = message_class(pool, "moe.serving.v1.GenerateRequest")
+        response_class = message_class(pool, "moe.serving.v1.GenerateResponse")
         call = channel.unary_stream(f"/{SERVICE}/Generate",
                                     request_serializer=lambda m: m.SerializeToString(),
                                     response_deserializer=response_class.FromString)
@@ -169,7 +136,7 @@ class SecurityTest(unittest.TestCase):
                               capture_output=True, text=True, env=full_env, timeout=60)
 
     def test_tls(self):
-        server = Server(self.model, [f"--tls_cert={self.path('server.pem')}",
+        server = start_server(self.model, [f"--tls_cert={self.path('server.pem')}",
                                      f"--tls_key={self.path('server.key')}"])
         try:
             with grpc.secure_channel(server.target, self.credentials()) as channel:
@@ -192,7 +159,7 @@ class SecurityTest(unittest.TestCase):
             server.stop()
 
     def test_mutual_tls(self):
-        server = Server(self.model, [f"--tls_cert={self.path('server.pem')}",
+        server = start_server(self.model, [f"--tls_cert={self.path('server.pem')}",
                                      f"--tls_key={self.path('server.key')}",
                                      f"--tls_client_ca={self.path('ca.pem')}"])
         try:
@@ -245,7 +212,7 @@ class SecurityTest(unittest.TestCase):
 
     def test_tokens_from_environment(self):
         # Everything through MOE_* environment variables, as in deploy/.
-        server = Server(self.model, env={"MOE_TLS_CERT": self.path("server.pem"),
+        server = start_server(self.model, env={"MOE_TLS_CERT": self.path("server.pem"),
                                          "MOE_TLS_KEY": self.path("server.key"),
                                          "MOE_AUTH_TOKENS": f"first-token,{TOKEN}"})
         try:
@@ -258,7 +225,7 @@ class SecurityTest(unittest.TestCase):
         path = self.path("tokens.txt")
         with open(path, "w") as f:
             f.write(f"# moe-serve clients\n{TOKEN}\n")
-        server = Server(self.model, [f"--tls_cert={self.path('server.pem')}",
+        server = start_server(self.model, [f"--tls_cert={self.path('server.pem')}",
                                      f"--tls_key={self.path('server.key')}",
                                      f"--auth_tokens_file={path}"])
         try:
@@ -267,7 +234,7 @@ class SecurityTest(unittest.TestCase):
             server.stop()
 
     def test_bench_mutual_tls_and_token(self):
-        server = Server(self.model, [f"--tls_cert={self.path('server.pem')}",
+        server = start_server(self.model, [f"--tls_cert={self.path('server.pem')}",
                                      f"--tls_key={self.path('server.key')}",
                                      f"--tls_client_ca={self.path('ca.pem')}"],
                         env={"MOE_AUTH_TOKENS": TOKEN})
@@ -287,7 +254,7 @@ class SecurityTest(unittest.TestCase):
             server.stop()
 
     def test_metrics_on_a_separate_address(self):
-        server = Server(self.model, ["--metrics_port=0", "--metrics_host=127.0.0.2"])
+        server = start_server(self.model, ["--metrics_port=0", "--metrics_host=127.0.0.2"])
         try:
             log = "".join(server.log_lines)
             m = re.search(r"metrics on http://127\.0\.0\.2:(\d+)/metrics", log)
@@ -301,7 +268,7 @@ class SecurityTest(unittest.TestCase):
             server.stop()
 
     def test_requests_carry_no_paths(self):
-        server = Server(self.model)
+        server = start_server(self.model)
         try:
             with grpc.insecure_channel(server.target) as channel:
                 pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))

@@ -9,18 +9,16 @@ Usage: grpc_python_test.py BUILD_DIR SOURCE_DIR   (exit 77 = skipped: grpcio mis
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
 try:
     import grpc
-    from google.protobuf import descriptor_pool, message_factory
+    from google.protobuf import descriptor_pool
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
@@ -29,44 +27,11 @@ except ImportError as error:  # pragma: no cover
     print(f"skipped: {error} (pip install grpcio grpcio-health-checking grpcio-reflection)")
     sys.exit(77)
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testing"))
+from serve_process import ServerProcess, make_demo_model, message_class  # noqa: E402
+
 BUILD_DIR = SOURCE_DIR = None
 SERVICE = "moe.serving.v1.Inference"
-
-
-def message_class(pool, name):
-    descriptor = pool.FindMessageTypeByName(name)
-    if hasattr(message_factory, "GetMessageClass"):
-        return message_factory.GetMessageClass(descriptor)
-    return message_factory.MessageFactory(pool).GetPrototype(descriptor)
-
-
-class ServerProcess:
-    """moe-serve on a free port; the port is read from its startup log."""
-
-    def __init__(self, model_dir, *flags):
-        self.log_lines = []
-        self.proc = subprocess.Popen(
-            [os.path.join(BUILD_DIR, "server", "moe-serve"), f"--model={model_dir}",
-             "--host=127.0.0.1", "--port=0", "--num_threads=1", "--backend=cpu",
-             "--kv_cache_mib=16", *flags],
-            stderr=subprocess.PIPE, text=True)
-        self.port = None
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.log_lines.append(line)
-                match = re.search(r"listening on [0-9.]+:(\d+)", line)
-                if match:
-                    self.port = int(match.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(60)
-        if self.port is None:
-            raise RuntimeError("moe-serve did not start:\n" + "".join(self.log_lines))
-        self.target = f"127.0.0.1:{self.port}"
 
 
 class GrpcPythonTest(unittest.TestCase):
@@ -74,12 +39,9 @@ class GrpcPythonTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory(prefix="moe_py_test_")
         cls.model_dir = os.path.join(cls.tmp.name, "demo_model")
-        subprocess.run(
-            [os.path.join(BUILD_DIR, "tools", "moe-make-model"), "--preset=demo",
-             f"--out={cls.model_dir}",
-             f"--tokenizer={SOURCE_DIR}/tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json"],
-            check=True, stdout=subprocess.DEVNULL)
-        cls.server = ServerProcess(cls.model_dir, "--drain_timeout=60s")
+        make_demo_model(BUILD_DIR, SOURCE_DIR, cls.model_dir)
+        cls.server = ServerProcess(BUILD_DIR, cls.model_dir,
+                                   ["--kv_cache_mib=16", "--drain_timeout=60s"])
         cls.channel = grpc.insecure_channel(cls.server.target)
         cls.health = health_pb2_grpc.HealthStub(cls.channel)
         deadline = time.time() + 60
@@ -103,9 +65,7 @@ class GrpcPythonTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        if cls.server.proc.poll() is None:
-            cls.server.proc.kill()
-            cls.server.proc.wait()
+        cls.server.kill()
         cls.tmp.cleanup()
 
     def call(self, method, request_name, response_name):

@@ -18,6 +18,9 @@ import sys
 import tempfile
 import unittest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testing"))
+from serve_process import make_demo_model  # noqa: E402
+
 BUILD_DIR = SOURCE_DIR = None
 CRASH_MARKS = ("Segmentation fault", "terminate called", "AddressSanitizer", "runtime error:",
                "Aborted", "core dumped", "Check failed", "ThreadSanitizer")
@@ -28,11 +31,7 @@ class StartupFaultsTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory(prefix="moe_startup_")
         cls.model = os.path.join(cls.tmp.name, "demo")
-        subprocess.run(
-            [os.path.join(BUILD_DIR, "tools", "moe-make-model"), "--preset=demo",
-             f"--out={cls.model}",
-             f"--tokenizer={SOURCE_DIR}/tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json"],
-            check=True, stdout=subprocess.DEVNULL)
+        make_demo_model(BUILD_DIR, SOURCE_DIR, cls.model)
 
     @classmethod
     def tearDownClass(cls):

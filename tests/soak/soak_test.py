@@ -24,7 +24,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ import urllib.request
 
 try:
     import grpc
-    from google.protobuf import descriptor_pool, message_factory
+    from google.protobuf import descriptor_pool
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
@@ -41,6 +40,9 @@ try:
 except ImportError as error:  # pragma: no cover
     print(f"skipped: {error} (pip install grpcio grpcio-health-checking grpcio-reflection)")
     sys.exit(77)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testing"))
+from serve_process import ServerProcess, make_demo_model, message_class  # noqa: E402
 
 SERVICE = "moe.serving.v1.Inference"
 SECONDS = float(os.environ.get("MOE_SOAK_SECONDS", "30"))
@@ -52,41 +54,14 @@ RSS_BOUND_FRACTION = 0.15
 MAX_QUEUED = 24  # small enough that bursts overflow the queue
 
 
-def message_class(pool, name):
-    descriptor = pool.FindMessageTypeByName(name)
-    if hasattr(message_factory, "GetMessageClass"):
-        return message_factory.GetMessageClass(descriptor)
-    return message_factory.MessageFactory(pool).GetPrototype(descriptor)
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, build_dir, model_dir):
-        self.log_lines = []
-        self.proc = subprocess.Popen(
-            [os.path.join(build_dir, "server", "moe-serve"), f"--model={model_dir}",
-             "--host=127.0.0.1", "--port=0", "--metrics_port=0", "--num_threads=1",
-             "--backend=cpu", "--kv_cache_mib=4", "--max_num_seqs=16",
-             f"--max_queued_requests={MAX_QUEUED}", "--log_requests=false",
-             "--drain_timeout=30s"],
-            stderr=subprocess.PIPE, text=True)
-        self.port = self.metrics_port = None
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.log_lines.append(line)
-                if m := re.search(r"metrics on http://[0-9.]+:(\d+)/metrics", line):
-                    self.metrics_port = int(m.group(1))
-                if m := re.search(r"listening on [0-9.]+:(\d+)", line):
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(120)
-        if self.port is None or self.metrics_port is None:
-            raise RuntimeError("moe-serve did not start:\n" + "".join(self.log_lines))
-        self.target = f"127.0.0.1:{self.port}"
+        super().__init__(build_dir, model_dir,
+                         ["--metrics_port=0", "--kv_cache_mib=4", "--max_num_seqs=16",
+                          f"--max_queued_requests={MAX_QUEUED}", "--log_requests=false",
+                          "--drain_timeout=30s"], timeout=120)
+        if self.metrics_port is None:
+            raise RuntimeError("moe-serve logged no metrics port:\n" + "".join(self.log_lines))
 
     def rss_kib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -287,18 +262,12 @@ def main(build_dir, source_dir):
     print(f"soak: {SECONDS:.0f} s, concurrency {CONCURRENCY}, seed {SEED}", flush=True)
     with tempfile.TemporaryDirectory(prefix="moe_soak_") as tmp:
         model_dir = os.path.join(tmp, "demo_model")
-        subprocess.run(
-            [os.path.join(build_dir, "tools", "moe-make-model"), "--preset=demo",
-             f"--out={model_dir}",
-             f"--tokenizer={source_dir}/tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json"],
-            check=True, stdout=subprocess.DEVNULL)
+        make_demo_model(build_dir, source_dir, model_dir)
         server = Server(build_dir, model_dir)
         try:
             return soak(server)
         finally:
-            if server.proc.poll() is None:
-                server.proc.kill()
-                server.proc.wait()
+            server.kill()
 
 
 def soak(server):
