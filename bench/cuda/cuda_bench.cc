@@ -66,6 +66,28 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
+// Median milliseconds of `op` on the default stream over 9 runs, after one warm-up run.
+template <class Op>
+double MedianMs(Op op) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  for (int i = 0; i < 10; ++i) {
+    CUDA_CHECK(cudaEventRecord(start));
+    op();
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i > 0) times.push_back(ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
 // Bytes moved (read + written) per second by a large device-to-device copy; median of 9.
 double CopyBandwidth() {
   const size_t bytes = size_t{1} << 30;
@@ -73,23 +95,11 @@ double CopyBandwidth() {
   CUDA_CHECK(cudaMalloc(&a, bytes));
   CUDA_CHECK(cudaMalloc(&b, bytes));
   CUDA_CHECK(cudaMemset(a, 1, bytes));
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < 10; ++i) {
-    CUDA_CHECK(cudaEventRecord(start));
-    CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i > 0) times.push_back(ms);
-  }
-  std::sort(times.begin(), times.end());
+  const double ms =
+      MedianMs([&] { CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice)); });
   cudaFree(a);
   cudaFree(b);
-  return 2.0 * bytes / (times[times.size() / 2] * 1e-3);
+  return 2.0 * bytes / (ms * 1e-3);
 }
 
 // bf16 x bf16 -> f32 GEMM FLOP/s through cuBLAS (random-ish data, not zeros); median of 9.
@@ -107,27 +117,16 @@ double GemmPeak() {
   CUDA_CHECK(cudaMemcpy(b, host.data(), elements * 2, cudaMemcpyHostToDevice));
   cublasHandle_t handle;
   cublasCreate(&handle);
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
   const float one = 1.0f, zero = 0.0f;
-  std::vector<float> times;
-  for (int i = 0; i < 10; ++i) {
-    CUDA_CHECK(cudaEventRecord(start));
+  const double ms = MedianMs([&] {
     cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF,
                  n, &zero, c, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i > 0) times.push_back(ms);
-  }
-  std::sort(times.begin(), times.end());
+  });
   cublasDestroy(handle);
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
-  return 2.0 * n * n * double(n) / (times[times.size() / 2] * 1e-3);
+  return 2.0 * n * n * double(n) / (ms * 1e-3);
 }
 
 struct Row {
