@@ -36,24 +36,26 @@ absl::StatusOr<PackedMatrix> PackedMatrix::Pack(const void* weights, DType type,
     return absl::ResourceExhaustedError(absl::StrCat(
         "cpu: cannot allocate ", bytes, " bytes for a [", rows, ", ", in, "] weight matrix"));
   }
-  std::memset(packed.data_.get(), 0, bytes);
+  // Every 32-wide slot of every block is written once: weights, then zeros past `in` and for
+  // the rows that pad the last block (the allocation's round-up is never read).
   const int64_t chunks = packed.chunks();
   const int64_t element_size = DTypeSize(packed.type_);
   char* base = static_cast<char*>(packed.data_.get());
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < packed.blocks() * kBlockRows; ++r) {
     const int64_t block = r / kBlockRows, row_in_block = r % kBlockRows;
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t k = c * kChunk, n = std::min(kChunk, in - k);
+      const int64_t k = c * kChunk, n = r < rows ? std::min(kChunk, in - k) : 0;
       char* dst =
           base + (((block * chunks + c) * kBlockRows + row_in_block) * kChunk) * element_size;
-      if (type == DType::kF16) {
+      if (n > 0 && type == DType::kF16) {
         const uint16_t* src = static_cast<const uint16_t*>(weights) + r * in + k;
         float* out = reinterpret_cast<float*>(dst);
         for (int64_t i = 0; i < n; ++i) out[i] = F16ToFloat(src[i]);
-      } else {
+      } else if (n > 0) {
         std::memcpy(dst, static_cast<const char*>(weights) + (r * in + k) * element_size,
                     n * element_size);
       }
+      std::memset(dst + n * element_size, 0, (kChunk - n) * element_size);
     }
   }
   return packed;
