@@ -33,6 +33,8 @@ ABSL_FLAG(int32_t, threads, 2, "CPU threads for the engine and the bandwidth pro
 ABSL_FLAG(int32_t, steps, 32, "Decode steps measured per configuration");
 ABSL_FLAG(int32_t, prefill_tokens, 512, "Prompt length for the prefill measurement");
 ABSL_FLAG(std::string, sequences, "1,4,16", "Comma-separated decode batch sizes");
+ABSL_FLAG(std::string, kernel_tokens, "1",
+          "Comma-separated token counts for the matmul kernel's own bandwidth probe");
 ABSL_FLAG(bool, bf16_activations, false,
           "CPU backend: bf16 activations with AVX512-BF16 dot products (lower precision)");
 
@@ -64,21 +66,28 @@ double MeasureReadBandwidth(int32_t threads) {
   return best;
 }
 
-// Read bandwidth of the decode kernel itself: one token through a [rows, 1024] bf16 matrix of
-// 256 MiB (bigger than any cache), rows split across the threads as the backend splits them.
-double MeasureMatVecBandwidth(int32_t threads) {
+// Read bandwidth of the matmul kernel itself: `tokens` tokens through a [rows, 1024] bf16
+// matrix of 256 MiB (bigger than any cache), rows split across the threads as the backend
+// splits them; bf16 activations (vdpbf16ps) or fp32 ones.
+double MeasureMatMulBandwidth(int32_t threads, int32_t tokens, bool bf16_activations) {
   const int64_t in = 1024, rows = (256ll << 20) / (in * 2);
   const std::vector<uint16_t> weights(rows * in, 0x3f80);  // 1.0
   const absl::StatusOr<cpu::PackedMatrix> packed =
       cpu::PackedMatrix::Pack(weights.data(), DType::kBF16, rows, in);
   if (!packed.ok()) return 0;
-  std::vector<float> x(in, 1.0f), out(rows);
+  std::vector<float> x(tokens * in, 1.0f), out(tokens * rows);
+  std::vector<uint16_t> x_bf16(tokens * in);
+  cpu::FloatToBf16Rows(x.data(), in, tokens, in, x_bf16.data(), in);
   cpu::ThreadPool pool(threads);
   double best = 0;
   for (int repeat = 0; repeat < 5; ++repeat) {
     const auto start = Clock::now();
     pool.ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
-      cpu::MatMulRows(x.data(), in, 1, *packed, begin, end, out.data(), rows);
+      if (bf16_activations) {
+        cpu::MatMulRowsBf16(x_bf16.data(), in, tokens, *packed, begin, end, out.data(), rows);
+      } else {
+        cpu::MatMulRows(x.data(), in, tokens, *packed, begin, end, out.data(), rows);
+      }
     });
     best = std::max(best, rows * in * 2 / Seconds(start));
   }
@@ -150,10 +159,15 @@ int Run() {
   const double bandwidth = MeasureReadBandwidth(threads);
   std::cout << absl::StrFormat("memory read bandwidth (%d threads): %.1f GB/s\n", threads,
                                bandwidth / 1e9);
-  const double matvec = MeasureMatVecBandwidth(threads);
-  std::cout << absl::StrFormat(
-      "decode kernel (1 token x 256 MiB bf16 matrix): %.1f GB/s = %.2f of it\n\n", matvec / 1e9,
-      matvec / bandwidth);
+  for (absl::string_view piece : absl::StrSplit(absl::GetFlag(FLAGS_kernel_tokens), ',')) {
+    int32_t tokens = 0;
+    if (!absl::SimpleAtoi(piece, &tokens) || tokens <= 0) continue;
+    const double kernel = MeasureMatMulBandwidth(threads, tokens, options.cpu_bf16_activations);
+    std::cout << absl::StrFormat(
+        "matmul kernel (%d token(s) x 256 MiB bf16 matrix): %.1f GB/s = %.2f of it\n", tokens,
+        kernel / 1e9, kernel / bandwidth);
+  }
+  std::cout << "\n";
   std::cout << "| measurement | tokens/s | bytes read per step | roofline tokens/s | fraction of "
                "roofline |\n"
                "|---|---|---|---|---|\n";

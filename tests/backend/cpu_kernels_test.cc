@@ -127,8 +127,12 @@ TEST_P(MatMulShapes, Fp32PathIsAccurateAndBatchInvariant) {
     const std::vector<float> before = split;
     cpu::MatMulRows(p.x.data(), in, tokens, w, r0, r1, split.data(), rows);
     for (int64_t i = 0; i < tokens * rows; ++i) {
-      if (i % rows < r0) ASSERT_EQ(split[i], before[i]) << i;
-      if (i % rows >= r1) ASSERT_TRUE(std::isnan(split[i])) << i;
+      if (i % rows < r0) {
+        ASSERT_EQ(split[i], before[i]) << i;
+      }
+      if (i % rows >= r1) {
+        ASSERT_TRUE(std::isnan(split[i])) << i;
+      }
     }
   }
   EXPECT_EQ(split, all);
@@ -175,6 +179,8 @@ TEST_P(MatMulShapes, Bf16ActivationPathIsCloseAndBatchInvariant) {
 INSTANTIATE_TEST_SUITE_P(Shapes, MatMulShapes,
                          ::testing::Values(std::make_tuple(1, 64, 4), std::make_tuple(3, 100, 9),
                                            std::make_tuple(4, 1024, 8), std::make_tuple(9, 333, 13),
+                                           // 4 token tiles over 3 k segments and a tail.
+                                           std::make_tuple(13, 2085, 10),
                                            std::make_tuple(37, 2816, 21),
                                            std::make_tuple(150, 1024, 6)));
 

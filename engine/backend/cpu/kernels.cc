@@ -54,18 +54,18 @@ HWY_INLINE void StoreSums4x4(const hn::Vec<DF> (&acc)[4][4], float* out, int64_t
 constexpr int64_t kRows = PackedMatrix::kBlockRows;
 constexpr int64_t kChunk = PackedMatrix::kChunk;
 
-// One packed block of 4 rows x kTokens tokens over all of k: 4 * kTokens accumulators, each
-// summing its products in k order, lanes along k. Writes the rows [row_lo, row_hi) of the
-// block: out[t * out_stride + r].
-template <int kTokens, class Loader, bool kPrefetch = false>
-HWY_INLINE void Tile(const float* x, int64_t x_stride, int64_t in,
-                     const typename Loader::Type* block, float* out, int64_t out_stride,
-                     int64_t row_lo, int64_t row_hi) {
+// Chunks [c0, c1) of a packed block (4 rows) through the accumulators of kTokens tokens
+// (io: acc[row][token]; each sums its products in k order, lanes along k). Pass `pass` of
+// the plan: prefetches its share of the stream ahead.
+template <int kTokens, class Loader>
+HWY_INLINE void TileChunks(const float* x, int64_t x_stride, int64_t in,
+                           const typename Loader::Type* block, const BlockPlan& plan, int64_t pass,
+                           int64_t c0, int64_t c1, hn::Vec<DF> (&io)[kRows][kTokens]) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
-  hn::Vec<DF> acc[kRows][kTokens];
+  hn::Vec<DF> acc[kRows][kTokens];  // a local copy, so that the loop keeps it in registers
   for (int r = 0; r < kRows; ++r) {
-    for (int t = 0; t < kTokens; ++t) acc[r][t] = hn::Zero(df);
+    for (int t = 0; t < kTokens; ++t) acc[r][t] = io[r][t];
   }
   auto step = [&](const hn::Vec<DF>(&xv)[kTokens], const typename Loader::Type* w) HWY_ATTR {
     for (int r = 0; r < kRows; ++r) {
@@ -73,21 +73,25 @@ HWY_INLINE void Tile(const float* x, int64_t x_stride, int64_t in,
       for (int t = 0; t < kTokens; ++t) acc[r][t] = hn::MulAdd(wv, xv[t], acc[r][t]);
     }
   };
-  int64_t k = 0;
-  for (; k + lanes <= in; k += lanes) {
+  int64_t countdown = plan.PrefetchCountdown(pass, c0);
+  const int64_t k_end = std::min(c1 * kChunk, in);
+  int64_t k = c0 * kChunk;
+  for (; k + lanes <= k_end; k += lanes) {
     hn::Vec<DF> xv[kTokens];
     for (int t = 0; t < kTokens; ++t) xv[t] = hn::LoadU(df, x + t * x_stride + k);
     // Chunk k / 32, lane group (k % 32) / lanes of every row.
     const typename Loader::Type* chunk = block + (k / kChunk) * kRows * kChunk;
-    if (kPrefetch && k % kChunk == 0) {
-      const char* ahead = reinterpret_cast<const char*>(chunk) + kStreamPrefetchBytes;
-      for (size_t b = 0; b < kRows * kChunk * sizeof(*chunk); b += 64) hwy::Prefetch(ahead + b);
+    if (k % kChunk == 0 && countdown-- == 0) {
+      countdown = plan.passes - 1;
+      const char* ahead = reinterpret_cast<const char*>(chunk) + plan.lead_bytes;
+      for (size_t b = 0; b < kRows * kChunk * sizeof(*chunk); b += 64) PrefetchToL2(ahead + b);
     }
     step(xv, chunk + k % kChunk);
   }
-  if (k < in) {
-    // Tail: x copied zero padded (the packed weights are zero past `in`), through the same
-    // vector FMAs, so that bf16 and f32 weights holding the same values give the same bits.
+  if (k < k_end) {
+    // Tail of the block: x copied zero padded (the packed weights are zero past `in`), through
+    // the same vector FMAs, so that bf16 and f32 weights holding the same values give the
+    // same bits.
     HWY_ALIGN float x_tail[kTokens][hn::MaxLanes(df)] = {};
     hn::Vec<DF> xv[kTokens];
     for (int t = 0; t < kTokens; ++t) {
@@ -96,6 +100,15 @@ HWY_INLINE void Tile(const float* x, int64_t x_stride, int64_t in,
     }
     step(xv, block + (k / kChunk) * kRows * kChunk + k % kChunk);
   }
+  for (int r = 0; r < kRows; ++r) {
+    for (int t = 0; t < kTokens; ++t) io[r][t] = acc[r][t];
+  }
+}
+
+// out[t * out_stride + r] = the sum of acc[r][t], for the rows [row_lo, row_hi) of the block.
+template <int kTokens>
+HWY_INLINE void StoreTile(const hn::Vec<DF> (&acc)[kRows][kTokens], float* out, int64_t out_stride,
+                          int64_t row_lo, int64_t row_hi) {
 #if MOE_HAVE_SUMS_4X4
   if constexpr (kTokens == 4) {
     if (row_lo == 0 && row_hi == kRows) {
@@ -104,6 +117,7 @@ HWY_INLINE void Tile(const float* x, int64_t x_stride, int64_t in,
     }
   }
 #endif
+  const DF df;
   // Constant indices into acc (a variable one would keep the tile in memory, not registers).
   for (int r = 0; r < kRows; ++r) {
     if (r < row_lo || r >= row_hi) continue;
@@ -113,36 +127,21 @@ HWY_INLINE void Tile(const float* x, int64_t x_stride, int64_t in,
   }
 }
 
-// All tokens through one block: tiles of 4 tokens, then 1-3. The first tile reads the block
-// from memory and prefetches the stream kStreamPrefetchBytes ahead; the others find it in L1.
+// All tokens through one block, as BlockPlan says.
 template <class Loader>
 HWY_INLINE void BlockAllTokens(const float* x, int64_t x_stride, int64_t tokens, int64_t in,
                                const typename Loader::Type* block, float* out, int64_t out_stride,
                                int64_t row_lo, int64_t row_hi) {
-  int64_t t = 0;
-  for (; t + 4 <= tokens; t += 4) {
-    if (t == 0) {
-      Tile<4, Loader, true>(x, x_stride, in, block, out, out_stride, row_lo, row_hi);
-    } else {
-      Tile<4, Loader>(x + t * x_stride, x_stride, in, block, out + t * out_stride, out_stride,
-                      row_lo, row_hi);
-    }
-  }
-  const float* xt = x + t * x_stride;
-  float* ot = out + t * out_stride;
-  switch (tokens - t) {
-    case 3:
-      Tile<3, Loader, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
-      break;
-    case 2:
-      Tile<2, Loader, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
-      break;
-    case 1:
-      Tile<1, Loader, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
-      break;
-    default:
-      break;
-  }
+  const BlockPlan plan(tokens, (in + kChunk - 1) / kChunk);
+  RunBlock(plan, tokens, hn::Zero(DF()),
+           [&]<int kTokens>(int64_t t, int64_t pass, int64_t c0, int64_t c1,
+                            hn::Vec<DF>(&acc)[kRows][kTokens]) HWY_ATTR {
+             TileChunks<kTokens, Loader>(x + t * x_stride, x_stride, in, block, plan, pass, c0, c1,
+                                         acc);
+             if (c1 == plan.chunks) {
+               StoreTile<kTokens>(acc, out + t * out_stride, out_stride, row_lo, row_hi);
+             }
+           });
 }
 
 template <class Loader>

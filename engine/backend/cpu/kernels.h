@@ -45,11 +45,6 @@ class PackedMatrix {
   int64_t rows_ = 0, in_ = 0;
 };
 
-// How far ahead of a tile the kernels prefetch the packed stream (the first token tile of a
-// block only: later ones find the block in L1). With 2 threads, at 16 sequences, 4 KiB ahead
-// gave 1.1-1.2x the decode speed of the hardware prefetcher alone; 1 KiB and 16 KiB less.
-inline constexpr int64_t kStreamPrefetchBytes = 4096;
-
 // out[t * out_stride + r] = dot(x[t * x_stride ...], weight row r) for t in [0, tokens),
 // r in [row_begin, row_end) (any range; threads split the rows). fp32 accumulation; each
 // weight block is read once per 4 tokens. Every (row, token) output is the same computation

@@ -33,72 +33,88 @@ MOE_BF16_INLINE __m512bh LoadBf16(const uint16_t* p, int64_t n) {
 constexpr int64_t kRows = PackedMatrix::kBlockRows;
 constexpr int64_t kChunk = PackedMatrix::kChunk;  // one vector of bf16
 
-// One packed block of 4 rows x kTokens tokens over all of k; every (row, token) pair has its
-// own accumulator over k in the same order, so a token's result never depends on the tile.
-// Writes the rows [row_lo, row_hi) of the block: out[t * out_stride + r].
-template <int kTokens, bool kPrefetch = false>
-MOE_BF16_INLINE void Tile(const uint16_t* x, int64_t x_stride, int64_t in, const uint16_t* block,
-                          float* out, int64_t out_stride, int64_t row_lo, int64_t row_hi) {
-  __m512 acc[kRows][kTokens];
+// Chunks [c0, c1) of a packed block (4 rows) through the accumulators of kTokens tokens
+// (io: acc[row][token]; every pair sums its products in k order). Pass `pass` of the plan:
+// prefetches its share of the stream ahead.
+template <int kTokens>
+MOE_BF16_INLINE void TileChunks(const uint16_t* x, int64_t x_stride, int64_t in,
+                                const uint16_t* block, const BlockPlan& plan, int64_t pass,
+                                int64_t c0, int64_t c1, __m512 (&io)[kRows][kTokens]) {
+  __m512 acc[kRows][kTokens];  // a local copy, so that the loop keeps it in registers
   for (int r = 0; r < kRows; ++r) {
-    for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < kTokens; ++t) acc[r][t] = io[r][t];
   }
-  for (int64_t k = 0; k < in; k += kChunk) {
-    // Past `in`: x masked to zero here, the packed weights are zero.
-    __m512bh xv[kTokens];
-    for (int t = 0; t < kTokens; ++t) xv[t] = LoadBf16(x + t * x_stride + k, in - k);
-    const uint16_t* w = block + (k / kChunk) * kRows * kChunk;
-    if (kPrefetch) {
-      const char* ahead = reinterpret_cast<const char*>(w) + kStreamPrefetchBytes;
-      for (int64_t b = 0; b < kRows * kChunk * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+  int64_t countdown = plan.PrefetchCountdown(pass, c0);
+  auto step = [&](const __m512bh(&xv)[kTokens], int64_t c) MOE_BF16_TARGET {
+    const uint16_t* w = block + c * kRows * kChunk;
+    if (countdown-- == 0) {
+      countdown = plan.passes - 1;
+      const char* ahead = reinterpret_cast<const char*>(w) + plan.lead_bytes;
+      for (int64_t b = 0; b < kRows * kChunk * 2; b += 64) PrefetchToL2(ahead + b);
     }
     for (int r = 0; r < kRows; ++r) {
       const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_load_si512(w + r * kChunk));
       for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
     }
+  };
+  // Whole chunks, then the masked tail (a masked load inside the loop would make GCC store
+  // the accumulators to memory on every step).
+  const int64_t whole_end = std::min(c1, in / kChunk);
+  int64_t c = c0;
+  for (; c < whole_end; ++c) {
+    __m512bh xv[kTokens];
+    for (int t = 0; t < kTokens; ++t) {
+      xv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + t * x_stride + c * kChunk));
+    }
+    step(xv, c);
   }
+  if (c < c1) {
+    // Past `in`: x masked to zero here, the packed weights are zero.
+    __m512bh xv[kTokens];
+    for (int t = 0; t < kTokens; ++t) {
+      xv[t] = LoadBf16(x + t * x_stride + c * kChunk, in - c * kChunk);
+    }
+    step(xv, c);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int t = 0; t < kTokens; ++t) io[r][t] = acc[r][t];
+  }
+}
+
+// out[t * out_stride + r] = the sum of acc[r][t], for the rows [row_lo, row_hi) of the block.
+template <int kTokens>
+MOE_BF16_INLINE void StoreTile(const __m512 (&acc)[kRows][kTokens], float* out, int64_t out_stride,
+                               int64_t row_lo, int64_t row_hi) {
   if constexpr (kTokens == 4) {
     if (row_lo == 0 && row_hi == kRows) {
       StoreSums4x4Avx512(acc, out, out_stride);
       return;
     }
   }
-  // Constant indices into acc (a variable one would keep the tile in memory, not registers).
+  // All sums first, with constant indices into acc (a variable one would keep the tile in
+  // memory, not registers).
+  float sums[kRows][kTokens];
   for (int r = 0; r < kRows; ++r) {
-    if (r < row_lo || r >= row_hi) continue;
-    for (int t = 0; t < kTokens; ++t) out[t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < kTokens; ++t) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+  }
+  for (int64_t r = row_lo; r < row_hi; ++r) {
+    for (int t = 0; t < kTokens; ++t) out[t * out_stride + r] = sums[r][t];
   }
 }
 
-// All tokens through one block: tiles of 4 tokens, then 1-3. The first tile reads the block
-// from memory and prefetches the stream kStreamPrefetchBytes ahead; the others find it in L1.
+// All tokens through one block, as BlockPlan says.
 MOE_BF16_INLINE void BlockAllTokens(const uint16_t* x, int64_t x_stride, int64_t tokens, int64_t in,
                                     const uint16_t* block, float* out, int64_t out_stride,
                                     int64_t row_lo, int64_t row_hi) {
-  int64_t t = 0;
-  for (; t + 4 <= tokens; t += 4) {
-    if (t == 0) {
-      Tile<4, true>(x, x_stride, in, block, out, out_stride, row_lo, row_hi);
-    } else {
-      Tile<4>(x + t * x_stride, x_stride, in, block, out + t * out_stride, out_stride, row_lo,
-              row_hi);
-    }
-  }
-  const uint16_t* xt = x + t * x_stride;
-  float* ot = out + t * out_stride;
-  switch (tokens - t) {
-    case 3:
-      Tile<3, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
-      break;
-    case 2:
-      Tile<2, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
-      break;
-    case 1:
-      Tile<1, true>(xt, x_stride, in, block, ot, out_stride, row_lo, row_hi);
-      break;
-    default:
-      break;
-  }
+  const BlockPlan plan(tokens, (in + kChunk - 1) / kChunk);
+  RunBlock(plan, tokens, _mm512_setzero_ps(),
+           [&]<int kTokens>(int64_t t, int64_t pass, int64_t c0, int64_t c1,
+                            __m512(&acc)[kRows][kTokens]) MOE_BF16_TARGET {
+             TileChunks<kTokens>(x + t * x_stride, x_stride, in, block, plan, pass, c0, c1, acc);
+             if (c1 == plan.chunks) {
+               StoreTile<kTokens>(acc, out + t * out_stride, out_stride, row_lo, row_hi);
+             }
+           });
 }
 
 MOE_BF16_TARGET void MatMulRowsBf16Impl(const uint16_t* x, int64_t x_stride, int64_t tokens,

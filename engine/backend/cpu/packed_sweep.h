@@ -9,6 +9,87 @@
 
 namespace moe::cpu {
 
+// How one packed block meets its tokens: in token tiles of up to 4 ("passes"), every (row,
+// token) accumulator summing its products in k order whatever the plan, so a token's result
+// never depends on it.
+// - 1 pass (1-4 tokens): the block streams through the tile once.
+// - 2-4 passes (5-16 tokens, batched decode): the block is cut along k into segments of
+//   kSegmentChunks chunks (8 KiB of bf16 weights) and every pass runs over a segment before
+//   the next one starts, its accumulators saved in between. The weights stay one sequential
+//   stream and each segment meets all tokens while it and their inputs are in L1. (Whole-block
+//   passes read the block again from L2 when it and 4 tokens' inputs outgrow L1: a 22.5 KiB
+//   down-projection block with 4 x 5.6 KiB of inputs does.)
+// - more passes (prefill): whole-block passes; compute bound, blocked by SweepPackedBlocks.
+// Software prefetch keeps the stream flowing through all passes: pass p of n prefetches
+// every n-th chunk from its p-th on, lead_bytes ahead, so each line is asked for once and the
+// requests are spread over the block's whole time. Into L2, not L1: L1 prefetches hold the
+// core's few L1 miss buffers and stall its own loads.
+struct BlockPlan {
+  static constexpr int64_t kTileTokens = 4, kMaxSegmentedPasses = 4, kSegmentChunks = 32;
+  static constexpr int64_t kLeadBytes = 4096;
+  BlockPlan(int64_t tokens, int64_t block_chunks)
+      : chunks(block_chunks),
+        passes((tokens + kTileTokens - 1) / kTileTokens),
+        segment_chunks(passes > 1 && passes <= kMaxSegmentedPasses ? kSegmentChunks : chunks),
+        lead_bytes(passes == 1 ? kLeadBytes : 2 * kLeadBytes) {}
+  // Chunks before the first one that pass `pass` prefetches at or after chunk c0.
+  int64_t PrefetchCountdown(int64_t pass, int64_t c0) const {
+    return ((pass - c0) % passes + passes) % passes;
+  }
+  int64_t chunks;          // of the block
+  int64_t passes;          // token tiles
+  int64_t segment_chunks;  // chunks per segment (all of them: one segment)
+  int64_t lead_bytes;      // prefetch distance
+};
+
+__attribute__((always_inline)) inline void PrefetchToL2(const void* address) {
+  __builtin_prefetch(address, /*rw=*/0, /*locality=*/2);  // prefetcht1 on x86-64
+}
+
+// Runs `tokens` tokens through one block as `plan` says: for every segment [c0, c1) and every
+// token tile (t: its first token; pass: its index; kTokens: 1-4 tokens) calls
+//   tile_fn.template operator()<kTokens>(t, pass, c0, c1, acc)
+// with the tile's accumulators acc[4][kTokens] (zero at c0 == 0, saved across segments),
+// which runs chunks [c0, c1) into them and, at c1 == plan.chunks, stores the sums.
+template <class Vec, class TileFn>
+__attribute__((always_inline)) inline void RunBlock(const BlockPlan& plan, int64_t tokens, Vec zero,
+                                                    TileFn&& tile_fn) {
+  constexpr int kRows = PackedMatrix::kBlockRows, kTile = BlockPlan::kTileTokens;
+  // Only segmented plans (at most kMaxSegmentedPasses passes) save accumulators.
+  Vec saved[BlockPlan::kMaxSegmentedPasses][kRows][kTile];
+  auto run = [&]<int kTokens>(int64_t t, int64_t pass, int64_t c0, int64_t c1)
+      __attribute__((always_inline)) {
+    Vec acc[kRows][kTokens];
+    for (int r = 0; r < kRows; ++r) {
+      for (int i = 0; i < kTokens; ++i) acc[r][i] = c0 == 0 ? zero : saved[pass][r][i];
+    }
+    tile_fn.template operator()<kTokens>(t, pass, c0, c1, acc);
+    if (c1 < plan.chunks) {
+      for (int r = 0; r < kRows; ++r) {
+        for (int i = 0; i < kTokens; ++i) saved[pass][r][i] = acc[r][i];
+      }
+    }
+  };
+  for (int64_t c0 = 0; c0 < plan.chunks; c0 += plan.segment_chunks) {
+    const int64_t c1 = std::min(plan.chunks, c0 + plan.segment_chunks);
+    int64_t t = 0, pass = 0;
+    for (; t + kTile <= tokens; t += kTile, ++pass) run.template operator()<kTile>(t, pass, c0, c1);
+    switch (tokens - t) {
+      case 3:
+        run.template operator()<3>(t, pass, c0, c1);
+        break;
+      case 2:
+        run.template operator()<2>(t, pass, c0, c1);
+        break;
+      case 1:
+        run.template operator()<1>(t, pass, c0, c1);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
 // Calls block_fn(t0, t1, b, row_lo, row_hi) for token range [t0, t1) and weight block b
 // (rows [row_lo, row_hi) of its 4 inside [row_begin, row_end)), for every block overlapping
 // [row_begin, row_end). Blocked for many tokens (prefill): a block of tokens (x: ~128 K
