@@ -117,9 +117,11 @@ MOE_BF16_INLINE void BlockAllTokens(const uint16_t* x, int64_t x_stride, int64_t
            });
 }
 
-MOE_BF16_TARGET void MatMulRowsBf16Impl(const uint16_t* x, int64_t x_stride, int64_t tokens,
-                                        const PackedMatrix& weight, int64_t row_begin,
-                                        int64_t row_end, float* out, int64_t out_stride) {
+MOE_BF16_TARGET __attribute__((flatten)) void MatMulRowsBf16Impl(const uint16_t* x,
+                                                                 int64_t x_stride, int64_t tokens,
+                                                                 const PackedMatrix& weight,
+                                                                 int64_t row_begin, int64_t row_end,
+                                                                 float* out, int64_t out_stride) {
   const auto* packed = static_cast<const uint16_t*>(weight.data());
   const int64_t in = weight.in(), block_elements = weight.block_elements();
   SweepPackedBlocks(
