@@ -23,7 +23,10 @@ namespace moe::cpu {
 // Software prefetch keeps the stream flowing through all passes: pass p of n prefetches
 // every n-th chunk from its p-th on, lead_bytes ahead, so each line is asked for once and the
 // requests are spread over the block's whole time. Into L2, not L1: L1 prefetches hold the
-// core's few L1 miss buffers and stall its own loads.
+// core's few L1 miss buffers and stall its own loads. Measured against the previous scheme
+// (L1 prefetch 4 KiB ahead from the first tile only, whole-block passes), 2 threads, 256 MiB
+// bf16 matrix, alternating runs: 8 tokens 31-37 GB/s instead of 19-24 with bf16 activations,
+// 22-23 instead of 15-16 with fp32 ones; 1-4 tokens within the noise of the probe.
 struct BlockPlan {
   static constexpr int64_t kTileTokens = 4, kMaxSegmentedPasses = 4, kSegmentChunks = 32;
   static constexpr int64_t kLeadBytes = 4096;
