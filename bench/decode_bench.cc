@@ -1,13 +1,16 @@
 // moe-bench-decode: engine forward-pass throughput on a synthetic Mixtral-shaped model, next
 // to the machine's memory read bandwidth measured in the same run.
 //
-//   moe-bench-decode [--model=DIR] [--threads=2] [--steps=32]
+//   moe-bench-decode [--model=DIR] [--threads=2] [--steps=32] [--sequences=1,4,16]
+//                    [--prefill_tokens=512] [--bf16_activations] [--kernel_tokens=1,4,8]
 //
 // Without --model it writes the bench-mixtral preset (hidden 1024, 8 layers, 16/4 heads,
 // 8 experts top-2, expert FFN 2816, vocab 32000, bf16) to build/bench_models/ first.
 // Decode roofline: per step the bytes of weights actually read (all non-expert weights, the
 // LM head, and each distinct expert touched in each layer, counted from the engine's routing
-// record) plus the KV cache read, divided by the measured bandwidth.
+// record) plus the KV cache read, divided by the measured bandwidth. --kernel_tokens also
+// measures the matmul kernel alone at those token counts (the bandwidth a batched decode's
+// experts can reach).
 #include <algorithm>
 #include <chrono>
 #include <cstring>

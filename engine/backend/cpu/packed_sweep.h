@@ -21,8 +21,10 @@ namespace moe::cpu {
 //   down-projection block with 4 x 5.6 KiB of inputs does.)
 // - more passes (prefill): whole-block passes; compute bound, blocked by SweepPackedBlocks.
 // Software prefetch keeps the stream flowing through all passes: pass p of n prefetches
-// every n-th chunk from its p-th on, lead_bytes ahead, so each line is asked for once and the
-// requests are spread over the block's whole time. Into L2, not L1: L1 prefetches hold the
+// every n-th chunk from its p-th on, lead_bytes ahead (4 KiB with one pass; with more, a
+// whole 8 KiB segment, so that the last pass's share arrives before the next segment's first
+// pass needs it), so each line is asked for once and the requests are spread over the block's
+// whole time. Into L2, not L1: L1 prefetches hold the
 // core's few L1 miss buffers and stall its own loads. Measured against the previous scheme
 // (L1 prefetch 4 KiB ahead from the first tile only, whole-block passes), 2 threads, 256 MiB
 // bf16 matrix, alternating runs: 8 tokens 31-37 GB/s instead of 19-24 with bf16 activations,
