@@ -35,6 +35,7 @@ ABSL_FLAG(std::string, model, "", "Model directory (default: generate bench-mixt
 ABSL_FLAG(int32_t, threads, 2, "CPU threads for the engine and the bandwidth probe");
 ABSL_FLAG(int32_t, steps, 32, "Decode steps measured per configuration");
 ABSL_FLAG(int32_t, prefill_tokens, 512, "Prompt length for the prefill measurement");
+ABSL_FLAG(int32_t, context, 32, "Decode: prompt tokens of each sequence before the measured steps");
 ABSL_FLAG(std::string, sequences, "1,4,16", "Comma-separated decode batch sizes");
 ABSL_FLAG(std::string, kernel_tokens, "1",
           "Comma-separated token counts for the matmul kernel's own bandwidth probe");
@@ -175,7 +176,7 @@ int Run() {
                "roofline |\n"
                "|---|---|---|---|---|\n";
 
-  const int32_t prompt_length = 32;
+  const int32_t prompt_length = absl::GetFlag(FLAGS_context);
   constexpr int32_t kWarmupSteps = 2;
   const int32_t steps = absl::GetFlag(FLAGS_steps);
   for (absl::string_view piece : absl::StrSplit(absl::GetFlag(FLAGS_sequences), ',')) {

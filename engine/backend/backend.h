@@ -79,7 +79,8 @@ struct KvCacheShape {
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
 
-  // Elements of one layer's K (or V) pool: [num_blocks, block_size, num_kv_heads, head_dim].
+  // Elements of one layer's K (or V) pool: num_blocks x block_size x num_kv_heads x head_dim
+  // (the order is the backend's).
   int64_t layer_elements() const {
     return int64_t{num_blocks} * block_size * num_kv_heads * head_dim;
   }

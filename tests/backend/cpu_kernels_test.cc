@@ -211,25 +211,55 @@ TEST(SiluMulTest, CloseToStdExpAndIndependentOfTheRange) {
   }
 }
 
-TEST(AttentionKernelsTest, RowGatheringKernelsEqualDotAndAxpyBitForBit) {
+TEST(AttentionKernelsTest, GroupedRowKernelsEqualDotAndAxpyBitForBit) {
   std::mt19937 rng(9);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  for (int64_t dim : {64, 128, 72, 5}) {
-    std::vector<float> base(50 * 200), q(dim), weights(37);
-    for (float& v : base) v = dist(rng);
-    for (float& v : q) v = dist(rng);
-    for (float& v : weights) v = dist(rng);
-    std::vector<int64_t> rows(weights.size());
-    for (size_t p = 0; p < rows.size(); ++p) rows[p] = (p * 7919) % 45 * 200 + (p % 3);
-    std::vector<float> dots(rows.size()), sum(dim), expected(dim, 0.0f);
-    const int64_t n = static_cast<int64_t>(rows.size());
-    cpu::DotRows(q.data(), base.data(), rows.data(), n, dim, dots.data());
-    cpu::WeightedSumRows(weights.data(), base.data(), rows.data(), n, dim, sum.data());
-    for (int64_t p = 0; p < n; ++p) {
-      ASSERT_EQ(dots[p], cpu::DotF32(q.data(), base.data() + rows[p], dim)) << dim << " " << p;
-      cpu::AxpyF32(weights[p], base.data() + rows[p], expected.data(), dim);
+  // 1-7 heads: the 4-head blocks and every remainder; 37 positions: 4-position blocks + 1.
+  for (int64_t heads : {1, 3, 4, 5, 7}) {
+    for (int64_t dim : {64, 128, 72, 5}) {
+      std::vector<float> base(50 * 200), q(heads * dim), weights(heads * 37);
+      for (float& v : base) v = dist(rng);
+      for (float& v : q) v = dist(rng);
+      for (float& v : weights) v = dist(rng);
+      const int64_t n = 37;
+      std::vector<int64_t> rows(n);
+      for (int64_t p = 0; p < n; ++p) rows[p] = (p * 7919) % 45 * 200 + (p % 3);
+      std::vector<float> scores(heads * n), sums(heads * dim);
+      cpu::DotRows(q.data(), heads, base.data(), rows.data(), n, dim, scores.data());
+      cpu::WeightedSumRows(weights.data(), heads, base.data(), rows.data(), n, dim, sums.data());
+      for (int64_t h = 0; h < heads; ++h) {
+        std::vector<float> expected(dim, 0.0f);
+        for (int64_t p = 0; p < n; ++p) {
+          ASSERT_EQ(scores[h * n + p], cpu::DotF32(q.data() + h * dim, base.data() + rows[p], dim))
+              << heads << " " << dim << " " << h << " " << p;
+          cpu::AxpyF32(weights[h * n + p], base.data() + rows[p], expected.data(), dim);
+        }
+        for (int64_t d = 0; d < dim; ++d) {
+          ASSERT_EQ(sums[h * dim + d], expected[d]) << heads << " " << dim << " " << h << " " << d;
+        }
+      }
     }
-    EXPECT_EQ(sum, expected) << dim;
+  }
+}
+
+TEST(AttentionKernelsTest, ScaledSoftmaxMatchesDoublePrecision) {
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> dist(-40.0f, 40.0f);
+  for (int64_t n : {1, 5, 16, 37, 300}) {
+    std::vector<float> x(n);
+    for (float& v : x) v = dist(rng);
+    std::vector<float> y = x;
+    cpu::ScaledSoftmax(y.data(), n, 0.125f);
+    double max_score = -1e30, total = 0;
+    for (float v : x) max_score = std::max(max_score, 0.125 * v);
+    for (float v : x) total += std::exp(0.125 * v - max_score);
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double expected = std::exp(0.125 * x[i] - max_score) / total;
+      ASSERT_NEAR(y[i], expected, 1e-6 * expected + 1e-30) << n << " " << i;
+      sum += y[i];
+    }
+    EXPECT_NEAR(sum, 1.0, 1e-5) << n;
   }
 }
 

@@ -218,57 +218,55 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status WriteKv(int32_t layer, Matrix k, Matrix v) override {
-    const int64_t kv_dim = int64_t{kv_shape_.num_kv_heads} * kv_shape_.head_dim;
+    const int64_t head_dim = kv_shape_.head_dim;
     float* keys = keys_[layer].as<float>();
     float* values = values_[layer].as<float>();
     for (int64_t t = 0; t < k.rows; ++t) {
       const int64_t slot = batch_->slot_mapping[t];
-      std::memcpy(keys + slot * kv_dim, k.row(t), kv_dim * sizeof(float));
-      std::memcpy(values + slot * kv_dim, v.row(t), kv_dim * sizeof(float));
+      for (int32_t kv_head = 0; kv_head < kv_shape_.num_kv_heads; ++kv_head) {
+        const int64_t row =
+            KvRow(slot / kv_shape_.block_size, kv_head, slot % kv_shape_.block_size);
+        std::memcpy(keys + row, k.row(t) + kv_head * head_dim, head_dim * sizeof(float));
+        std::memcpy(values + row, v.row(t) + kv_head * head_dim, head_dim * sizeof(float));
+      }
     }
     return absl::OkStatus();
   }
 
   absl::Status Attention(const AttentionParams& params, Matrix q, Matrix out) override {
-    const int64_t kv_dim = int64_t{params.num_kv_heads} * params.head_dim;
     const int32_t group = params.num_heads / params.num_kv_heads;
     const int32_t block_size = kv_shape_.block_size;
     const float* keys = keys_[params.layer].as<float>();
     const float* values = values_[params.layer].as<float>();
-    pool_.ParallelFor(q.rows * params.num_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
+    // One item per (token, KV head): the group's query heads share every K/V row read.
+    pool_.ParallelFor(q.rows * params.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;  // [group, positions]
       std::vector<int64_t> rows;  // [positions] offset of each position's K/V head vector
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / params.num_heads;
-        const int32_t head = static_cast<int32_t>(item % params.num_heads);
-        const int32_t kv_head = head / group;
+        const int64_t t = item / params.num_kv_heads;
+        const int32_t kv_head = static_cast<int32_t>(item % params.num_kv_heads);
         const SequenceChunk& chunk = batch_->sequences[token_sequence_[t]];
         const int32_t position = batch_->positions[t];
         const int32_t first =
             params.sliding_window > 0 ? std::max(0, position - params.sliding_window + 1) : 0;
         const int64_t n = position - first + 1;
         rows.resize(n);
-        for (int32_t p = first; p <= position; ++p) {
-          const int64_t slot =
-              int64_t{chunk.block_table[p / block_size]} * block_size + p % block_size;
-          rows[p - first] = slot * kv_dim + int64_t{kv_head} * params.head_dim;
+        // Block by block (no division per position).
+        for (int32_t p = first; p <= position;) {
+          const int32_t offset = p % block_size;
+          const int32_t count = std::min(block_size - offset, position + 1 - p);
+          const int64_t row = KvRow(chunk.block_table[p / block_size], kv_head, offset);
+          for (int32_t i = 0; i < count; ++i) rows[p - first + i] = row + i * params.head_dim;
+          p += count;
         }
-        scores.resize(n);
-        cpu::DotRows(q.row(t) + int64_t{head} * params.head_dim, keys, rows.data(), n,
+        scores.resize(group * n);
+        const int64_t first_head = int64_t{kv_head} * group;
+        cpu::DotRows(q.row(t) + first_head * params.head_dim, group, keys, rows.data(), n,
                      params.head_dim, scores.data());
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (float& score : scores) {
-          score *= params.scale;
-          max_score = std::max(max_score, score);
-        }
-        float total = 0.0f;
-        for (float& score : scores) {
-          score = std::exp(score - max_score);
-          total += score;
-        }
-        for (float& score : scores) score /= total;
-        cpu::WeightedSumRows(scores.data(), values, rows.data(), n, params.head_dim,
-                             out.row(t) + int64_t{head} * params.head_dim);
+        for (int32_t h = 0; h < group; ++h)
+          cpu::ScaledSoftmax(scores.data() + h * n, n, params.scale);
+        cpu::WeightedSumRows(scores.data(), group, values, rows.data(), n, params.head_dim,
+                             out.row(t) + first_head * params.head_dim);
       }
     });
     return absl::OkStatus();
@@ -412,6 +410,14 @@ class CpuBackend final : public Backend {
     return bf16_activations_ && weight.type() == DType::kBF16;
   }
 
+  // Element offset of a position's vector of one KV head in a layer's K or V pool, laid out
+  // [blocks, kv_heads, block_size, head_dim]: a head's positions in a block are contiguous, so
+  // attention streams block_size * head_dim floats at a time.
+  int64_t KvRow(int64_t block, int32_t kv_head, int64_t offset) const {
+    return ((block * kv_shape_.num_kv_heads + kv_head) * kv_shape_.block_size + offset) *
+           kv_shape_.head_dim;
+  }
+
   absl::StatusOr<const cpu::PackedMatrix*> Packed(const TensorView& view) const {
     const auto it = packed_.find(&view);
     if (it == packed_.end()) {
@@ -517,7 +523,7 @@ class CpuBackend final : public Backend {
   // Every matmul weight in the kernels' layout (PrepareWeights).
   absl::flat_hash_map<const TensorView*, cpu::PackedMatrix> packed_;
   KvCacheShape kv_shape_;
-  std::vector<DeviceBuffer> keys_, values_;  // per layer: [blocks, block_size, kv_heads, head_dim]
+  std::vector<DeviceBuffer> keys_, values_;  // per layer: [blocks, kv_heads, block_size, head_dim]
   const ForwardBatch* batch_ = nullptr;
   std::vector<int32_t> token_sequence_;  // [tokens] index into batch_->sequences
   // Scratch.

@@ -4,6 +4,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // After foreach_target:
 #include <algorithm>
+#include <limits>
 
 #include "engine/backend/cpu/kernels.h"
 #include "engine/backend/cpu/packed_sweep.h"
@@ -171,7 +172,9 @@ void MatMulRowsImpl(const float* x, int64_t x_stride, int64_t tokens, const Pack
   }
 }
 
-float DotF32Impl(const float* a, const float* b, int64_t n) {
+// The vector part of DotF32Impl: two accumulators over lane groups, added; *end: where the
+// scalar tail starts.
+HWY_INLINE hn::Vec<DF> DotVector(const float* a, const float* b, int64_t n, int64_t* end) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   hn::Vec<DF> acc0 = hn::Zero(df), acc1 = hn::Zero(df);
@@ -183,7 +186,14 @@ float DotF32Impl(const float* a, const float* b, int64_t n) {
   for (; i + lanes <= n; i += lanes) {
     acc0 = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), acc0);
   }
-  float sum = hn::GetLane(hn::SumOfLanes(df, hn::Add(acc0, acc1)));
+  *end = i;
+  return hn::Add(acc0, acc1);
+}
+
+float DotF32Impl(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  const hn::Vec<DF> vector = DotVector(a, b, n, &i);
+  float sum = hn::GetLane(hn::SumOfLanes(DF(), vector));
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
@@ -199,40 +209,154 @@ void AxpyF32Impl(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-void DotRowsImpl(const float* q, const float* base, const int64_t* rows, int64_t n, int64_t dim,
-                 float* out) {
-  for (int64_t p = 0; p < n; ++p) out[p] = DotF32Impl(q, base + rows[p], dim);
+// Cached K/V rows are gathered through the block table, one head's slice of each position
+// (dim floats, kv_dim apart): software prefetch this many positions ahead.
+constexpr int64_t kRowPrefetchDistance = 16;
+HWY_INLINE void PrefetchRow(const float* row, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) hwy::Prefetch(row + i);
 }
 
-void WeightedSumRowsImpl(const float* weights, const float* base, const int64_t* rows, int64_t n,
-                         int64_t dim, float* out) {
+void DotRowsImpl(const float* q, int64_t heads, const float* keys, const int64_t* rows, int64_t n,
+                 int64_t dim, float* scores) {
+  int64_t h0 = 0;
+#if MOE_HAVE_SUMS_4X4
+  // 4 heads x 4 positions at a time: each key vector read once for the 4 heads, the 16
+  // horizontal sums in one shuffle tree (the same grouping as SumOfLanes). Only without a
+  // scalar tail, which DotF32 adds after the horizontal sum.
+  if (dim % static_cast<int64_t>(hn::Lanes(DF())) == 0) {
+    for (; h0 + 4 <= heads; h0 += 4) {
+      int64_t p = 0;
+      for (; p + 4 <= n; p += 4) {
+        if (p + kRowPrefetchDistance + 4 <= n) {
+          for (int i = 0; i < 4; ++i) PrefetchRow(keys + rows[p + kRowPrefetchDistance + i], dim);
+        }
+        hn::Vec<DF> dots[4][4];  // [position][head]
+        int64_t end = 0;
+        for (int i = 0; i < 4; ++i) {
+          for (int h = 0; h < 4; ++h) {
+            dots[i][h] = DotVector(q + (h0 + h) * dim, keys + rows[p + i], dim, &end);
+          }
+        }
+        StoreSums4x4(dots, scores + h0 * n + p, n);
+      }
+      for (; p < n; ++p) {
+        for (int64_t h = h0; h < h0 + 4; ++h) {
+          scores[h * n + p] = DotF32Impl(q + h * dim, keys + rows[p], dim);
+        }
+      }
+    }
+  }
+#endif
+  for (int64_t h = h0; h < heads; ++h) {
+    for (int64_t p = 0; p < n; ++p)
+      scores[h * n + p] = DotF32Impl(q + h * dim, keys + rows[p], dim);
+  }
+}
+
+// WeightedSumRows for kHeads heads sharing the rows: each value vector is read once for all.
+template <int kHeads>
+HWY_INLINE void WeightedSumHeads(const float* weights, const float* values, const int64_t* rows,
+                                 int64_t n, int64_t dim, float* out) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   constexpr int kVectors = 4;  // a 64-wide head in registers on AVX-512
   int64_t d = 0;
   for (; d + kVectors * lanes <= dim; d += kVectors * lanes) {
-    hn::Vec<DF> acc[kVectors];
-    for (int j = 0; j < kVectors; ++j) acc[j] = hn::Zero(df);
-    for (int64_t p = 0; p < n; ++p) {
-      const hn::Vec<DF> w = hn::Set(df, weights[p]);
-      const float* row = base + rows[p] + d;
-      for (int j = 0; j < kVectors; ++j)
-        acc[j] = hn::MulAdd(w, hn::LoadU(df, row + j * lanes), acc[j]);
+    hn::Vec<DF> acc[kHeads][kVectors];
+    for (int h = 0; h < kHeads; ++h) {
+      for (int j = 0; j < kVectors; ++j) acc[h][j] = hn::Zero(df);
     }
-    for (int j = 0; j < kVectors; ++j) hn::StoreU(acc[j], df, out + d + j * lanes);
-  }
-  for (; d + lanes <= dim; d += lanes) {
-    hn::Vec<DF> acc = hn::Zero(df);
     for (int64_t p = 0; p < n; ++p) {
-      acc = hn::MulAdd(hn::Set(df, weights[p]), hn::LoadU(df, base + rows[p] + d), acc);
+      if (p + kRowPrefetchDistance < n) {
+        PrefetchRow(values + rows[p + kRowPrefetchDistance] + d, kVectors * lanes);
+      }
+      const float* row = values + rows[p] + d;
+      hn::Vec<DF> v[kVectors];
+      for (int j = 0; j < kVectors; ++j) v[j] = hn::LoadU(df, row + j * lanes);
+      for (int h = 0; h < kHeads; ++h) {
+        const hn::Vec<DF> w = hn::Set(df, weights[h * n + p]);
+        for (int j = 0; j < kVectors; ++j) acc[h][j] = hn::MulAdd(w, v[j], acc[h][j]);
+      }
     }
-    hn::StoreU(acc, df, out + d);
+    for (int h = 0; h < kHeads; ++h) {
+      for (int j = 0; j < kVectors; ++j) hn::StoreU(acc[h][j], df, out + h * dim + d + j * lanes);
+    }
   }
-  for (; d < dim; ++d) {  // as AxpyF32's scalar tail
-    float acc = 0.0f;
-    for (int64_t p = 0; p < n; ++p) acc += weights[p] * base[rows[p] + d];
-    out[d] = acc;
+  for (int h = 0; h < kHeads; ++h) {
+    const float* w = weights + h * n;
+    for (int64_t e = d; e + lanes <= dim; e += lanes) {
+      hn::Vec<DF> acc = hn::Zero(df);
+      for (int64_t p = 0; p < n; ++p) {
+        acc = hn::MulAdd(hn::Set(df, w[p]), hn::LoadU(df, values + rows[p] + e), acc);
+      }
+      hn::StoreU(acc, df, out + h * dim + e);
+    }
+    for (int64_t e = d + (dim - d) / lanes * lanes; e < dim; ++e) {  // as AxpyF32's scalar tail
+      float acc = 0.0f;
+      for (int64_t p = 0; p < n; ++p) acc += w[p] * values[rows[p] + e];
+      out[h * dim + e] = acc;
+    }
   }
+}
+
+void WeightedSumRowsImpl(const float* weights, int64_t heads, const float* values,
+                         const int64_t* rows, int64_t n, int64_t dim, float* out) {
+  int64_t h = 0;
+  for (; h + 4 <= heads; h += 4) {
+    WeightedSumHeads<4>(weights + h * n, values, rows, n, dim, out + h * dim);
+  }
+  switch (heads - h) {
+    case 3:
+      WeightedSumHeads<3>(weights + h * n, values, rows, n, dim, out + h * dim);
+      break;
+    case 2:
+      WeightedSumHeads<2>(weights + h * n, values, rows, n, dim, out + h * dim);
+      break;
+    case 1:
+      WeightedSumHeads<1>(weights + h * n, values, rows, n, dim, out + h * dim);
+      break;
+    default:
+      break;
+  }
+}
+
+void ScaledSoftmaxImpl(float* x, int64_t n, float scale) {
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const hn::Vec<DF> vscale = hn::Set(df, scale);
+  hn::Vec<DF> vmax = hn::Set(df, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    const hn::Vec<DF> v = hn::Mul(hn::LoadU(df, x + i), vscale);
+    hn::StoreU(v, df, x + i);
+    vmax = hn::Max(vmax, v);
+  }
+  float max_score = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  for (; i < n; ++i) {
+    x[i] *= scale;
+    max_score = std::max(max_score, x[i]);
+  }
+  const hn::Vec<DF> shift = hn::Set(df, max_score);
+  hn::Vec<DF> vtotal = hn::Zero(df);
+  for (i = 0; i + lanes <= n; i += lanes) {
+    const hn::Vec<DF> e = hn::Exp(df, hn::Sub(hn::LoadU(df, x + i), shift));
+    hn::StoreU(e, df, x + i);
+    vtotal = hn::Add(vtotal, e);
+  }
+  if (i < n) {  // the same vector exp on a padded copy (the padding's exp not summed)
+    HWY_ALIGN float tail[hn::MaxLanes(df)];
+    std::fill(tail, tail + lanes, max_score);
+    std::copy(x + i, x + n, tail);
+    hn::Store(hn::Exp(df, hn::Sub(hn::Load(df, tail), shift)), df, tail);
+    std::copy(tail, tail + (n - i), x + i);
+  }
+  float total = hn::GetLane(hn::SumOfLanes(df, vtotal));
+  for (; i < n; ++i) total += x[i];
+  const hn::Vec<DF> divisor = hn::Set(df, total);
+  for (i = 0; i + lanes <= n; i += lanes) {
+    hn::StoreU(hn::Div(hn::LoadU(df, x + i), divisor), df, x + i);
+  }
+  for (; i < n; ++i) x[i] /= total;
 }
 
 void SiluMulImpl(const float* gate, const float* up, float* out, int64_t n) {
@@ -273,6 +397,7 @@ HWY_EXPORT(AxpyF32Impl);
 HWY_EXPORT(SiluMulImpl);
 HWY_EXPORT(DotRowsImpl);
 HWY_EXPORT(WeightedSumRowsImpl);
+HWY_EXPORT(ScaledSoftmaxImpl);
 HWY_EXPORT(SelectedTargetImpl);
 
 void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
@@ -289,14 +414,18 @@ void AxpyF32(float alpha, const float* x, float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(AxpyF32Impl)(alpha, x, y, n);
 }
 
-void DotRows(const float* q, const float* base, const int64_t* rows, int64_t n, int64_t dim,
-             float* out) {
-  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(q, base, rows, n, dim, out);
+void DotRows(const float* q, int64_t heads, const float* keys, const int64_t* rows, int64_t n,
+             int64_t dim, float* scores) {
+  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(q, heads, keys, rows, n, dim, scores);
 }
 
-void WeightedSumRows(const float* weights, const float* base, const int64_t* rows, int64_t n,
-                     int64_t dim, float* out) {
-  HWY_DYNAMIC_DISPATCH(WeightedSumRowsImpl)(weights, base, rows, n, dim, out);
+void WeightedSumRows(const float* weights, int64_t heads, const float* values, const int64_t* rows,
+                     int64_t n, int64_t dim, float* out) {
+  HWY_DYNAMIC_DISPATCH(WeightedSumRowsImpl)(weights, heads, values, rows, n, dim, out);
+}
+
+void ScaledSoftmax(float* x, int64_t n, float scale) {
+  HWY_DYNAMIC_DISPATCH(ScaledSoftmaxImpl)(x, n, scale);
 }
 
 void SiluMul(const float* gate, const float* up, float* out, int64_t n) {

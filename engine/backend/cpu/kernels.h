@@ -55,15 +55,18 @@ void MatMulRows(const float* x, int64_t x_stride, int64_t tokens, const PackedMa
 float DotF32(const float* a, const float* b, int64_t n);
 // y += alpha * x
 void AxpyF32(float alpha, const float* x, float* y, int64_t n);
-// Attention over a paged KV cache: rows[p] is the element offset in `base` of the p-th of n key
-// (or value) vectors of length dim.
-// out[p] = DotF32(q, base + rows[p], dim), bit for bit.
-void DotRows(const float* q, const float* base, const int64_t* rows, int64_t n, int64_t dim,
-             float* out);
-// out[d] = sum over p in order of weights[p] * (base + rows[p])[d]: the same bits as AxpyF32
-// into a zeroed `out` once per row, with the accumulators in registers instead of memory.
-void WeightedSumRows(const float* weights, const float* base, const int64_t* rows, int64_t n,
-                     int64_t dim, float* out);
+// Grouped-query attention over a paged KV cache, for `heads` query heads that share one key /
+// value head: q [heads, dim]; rows[p] is the element offset in keys (values) of the p-th of n
+// key (value) vectors of length dim. Each cached vector is read once for all the heads.
+// scores[h * n + p] = DotF32(q + h * dim, keys + rows[p], dim), bit for bit.
+void DotRows(const float* q, int64_t heads, const float* keys, const int64_t* rows, int64_t n,
+             int64_t dim, float* scores);
+// out[h * dim + d] = sum over p in order of weights[h * n + p] * (values + rows[p])[d]: the same
+// bits as AxpyF32 into a zeroed row once per position, with the accumulators in registers.
+void WeightedSumRows(const float* weights, int64_t heads, const float* values, const int64_t* rows,
+                     int64_t n, int64_t dim, float* out);
+// x = softmax(x * scale) in place (max subtracted; vectorised exp, within 2 ulp of std::exp).
+void ScaledSoftmax(float* x, int64_t n, float scale);
 // out[i] = silu(gate[i]) * up[i] (SwiGLU), vectorised exp (within 2 ulp of std::exp); out may
 // alias gate. Each element's value depends only on its inputs.
 void SiluMul(const float* gate, const float* up, float* out, int64_t n);
