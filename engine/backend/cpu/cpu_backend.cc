@@ -223,9 +223,9 @@ class CpuBackend final : public Backend {
     float* values = values_[layer].as<float>();
     for (int64_t t = 0; t < k.rows; ++t) {
       const int64_t slot = batch_->slot_mapping[t];
+      const int64_t block = slot / kv_shape_.block_size, offset = slot % kv_shape_.block_size;
       for (int32_t kv_head = 0; kv_head < kv_shape_.num_kv_heads; ++kv_head) {
-        const int64_t row =
-            KvRow(slot / kv_shape_.block_size, kv_head, slot % kv_shape_.block_size);
+        const int64_t row = KvRow(block, kv_head, offset);
         std::memcpy(keys + row, k.row(t) + kv_head * head_dim, head_dim * sizeof(float));
         std::memcpy(values + row, v.row(t) + kv_head * head_dim, head_dim * sizeof(float));
       }

@@ -209,8 +209,8 @@ void AxpyF32Impl(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// Cached K/V rows are gathered through the block table, one head's slice of each position
-// (dim floats, kv_dim apart): software prefetch this many positions ahead.
+// Cached K/V rows are gathered through the block table (contiguous within a block, a jump
+// between blocks): software prefetch this many positions ahead.
 constexpr int64_t kRowPrefetchDistance = 16;
 HWY_INLINE void PrefetchRow(const float* row, int64_t floats) {
   for (int64_t i = 0; i < floats; i += 16) hwy::Prefetch(row + i);
@@ -301,23 +301,9 @@ HWY_INLINE void WeightedSumHeads(const float* weights, const float* values, cons
 
 void WeightedSumRowsImpl(const float* weights, int64_t heads, const float* values,
                          const int64_t* rows, int64_t n, int64_t dim, float* out) {
-  int64_t h = 0;
-  for (; h + 4 <= heads; h += 4) {
-    WeightedSumHeads<4>(weights + h * n, values, rows, n, dim, out + h * dim);
-  }
-  switch (heads - h) {
-    case 3:
-      WeightedSumHeads<3>(weights + h * n, values, rows, n, dim, out + h * dim);
-      break;
-    case 2:
-      WeightedSumHeads<2>(weights + h * n, values, rows, n, dim, out + h * dim);
-      break;
-    case 1:
-      WeightedSumHeads<1>(weights + h * n, values, rows, n, dim, out + h * dim);
-      break;
-    default:
-      break;
-  }
+  ForEachTileOf4(heads, [&]<int kHeads>(int64_t h, int64_t) HWY_ATTR {
+    WeightedSumHeads<kHeads>(weights + h * n, values, rows, n, dim, out + h * dim);
+  });
 }
 
 void ScaledSoftmaxImpl(float* x, int64_t n, float scale) {

@@ -51,6 +51,28 @@ __attribute__((always_inline)) inline void PrefetchToL2(const void* address) {
   __builtin_prefetch(address, /*rw=*/0, /*locality=*/2);  // prefetcht1 on x86-64
 }
 
+// Splits `count` items into tiles of 4, then one of the 1-3 left, calling
+//   fn.template operator()<kSize>(first, index)
+// for each tile (first: its first item; index: its position among the tiles).
+template <class Fn>
+__attribute__((always_inline)) inline void ForEachTileOf4(int64_t count, Fn&& fn) {
+  int64_t first = 0, index = 0;
+  for (; first + 4 <= count; first += 4, ++index) fn.template operator()<4>(first, index);
+  switch (count - first) {
+    case 3:
+      fn.template operator()<3>(first, index);
+      break;
+    case 2:
+      fn.template operator()<2>(first, index);
+      break;
+    case 1:
+      fn.template operator()<1>(first, index);
+      break;
+    default:
+      break;
+  }
+}
+
 // Runs `tokens` tokens through one block as `plan` says: for every segment [c0, c1) and every
 // token tile (t: its first token; pass: its index; kTokens: 1-4 tokens) calls
 //   tile_fn.template operator()<kTokens>(t, pass, c0, c1, acc)
@@ -59,39 +81,27 @@ __attribute__((always_inline)) inline void PrefetchToL2(const void* address) {
 template <class Vec, class TileFn>
 __attribute__((always_inline)) inline void RunBlock(const BlockPlan& plan, int64_t tokens, Vec zero,
                                                     TileFn&& tile_fn) {
+  static_assert(BlockPlan::kTileTokens == 4, "token tiles come from ForEachTileOf4");
   constexpr int kRows = PackedMatrix::kBlockRows, kTile = BlockPlan::kTileTokens;
   // Only segmented plans (at most kMaxSegmentedPasses passes) save accumulators.
   Vec saved[BlockPlan::kMaxSegmentedPasses][kRows][kTile];
-  auto run = [&]<int kTokens>(int64_t t, int64_t pass, int64_t c0, int64_t c1)
-      __attribute__((always_inline)) {
-    Vec acc[kRows][kTokens];
-    for (int r = 0; r < kRows; ++r) {
-      for (int i = 0; i < kTokens; ++i) acc[r][i] = c0 == 0 ? zero : saved[pass][r][i];
-    }
-    tile_fn.template operator()<kTokens>(t, pass, c0, c1, acc);
-    if (c1 < plan.chunks) {
-      for (int r = 0; r < kRows; ++r) {
-        for (int i = 0; i < kTokens; ++i) saved[pass][r][i] = acc[r][i];
-      }
-    }
-  };
   for (int64_t c0 = 0; c0 < plan.chunks; c0 += plan.segment_chunks) {
     const int64_t c1 = std::min(plan.chunks, c0 + plan.segment_chunks);
-    int64_t t = 0, pass = 0;
-    for (; t + kTile <= tokens; t += kTile, ++pass) run.template operator()<kTile>(t, pass, c0, c1);
-    switch (tokens - t) {
-      case 3:
-        run.template operator()<3>(t, pass, c0, c1);
-        break;
-      case 2:
-        run.template operator()<2>(t, pass, c0, c1);
-        break;
-      case 1:
-        run.template operator()<1>(t, pass, c0, c1);
-        break;
-      default:
-        break;
-    }
+    ForEachTileOf4(
+        tokens, [&]<int kTokens>(int64_t t, int64_t pass) __attribute__((always_inline)) {
+          Vec acc[kRows][kTokens];
+          for (int r = 0; r < kRows; ++r) {
+            for (int i = 0; i < kTokens; ++i) {
+              acc[r][i] = c0 == 0 ? zero : saved[pass][r][i];
+            }
+          }
+          tile_fn.template operator()<kTokens>(t, pass, c0, c1, acc);
+          if (c1 < plan.chunks) {
+            for (int r = 0; r < kRows; ++r) {
+              for (int i = 0; i < kTokens; ++i) saved[pass][r][i] = acc[r][i];
+            }
+          }
+        });
   }
 }
 
