@@ -593,7 +593,25 @@ class SequencePostProcessor : public PostProcessor {
   std::vector<std::unique_ptr<PostProcessor>> parts_;
 };
 
-absl::StatusOr<std::unique_ptr<PostProcessor>> MakeTemplate(const json& config,
+// A post-processor's token id: an integer naming a token of the vocabulary [0, vocab_size).
+absl::StatusOr<int32_t> VocabId(const json& value, int32_t vocab_size, std::string_view where,
+                                std::string_view what) {
+  if (!value.is_number_integer()) {
+    return JsonError(where, absl::StrCat(Sv(what), " has a non-integer id ", value.dump()));
+  }
+  // JSON parses non-negative integers as unsigned, negative ones as signed.
+  const bool inside = value.is_number_unsigned()
+                          ? value.get<uint64_t>() < static_cast<uint64_t>(vocab_size)
+                          : value.get<int64_t>() >= 0 && value.get<int64_t>() < vocab_size;
+  if (!inside) {
+    return JsonError(where,
+                     absl::StrCat(Sv(what), " has id ", value.dump(),
+                                  ", outside the vocabulary (ids 0 to ", vocab_size - 1, ")"));
+  }
+  return value.get<int32_t>();
+}
+
+absl::StatusOr<std::unique_ptr<PostProcessor>> MakeTemplate(const json& config, int32_t vocab_size,
                                                             std::string_view where) {
   const auto single = config.find("single");
   if (single == config.end() || !single->is_array()) {
@@ -629,28 +647,29 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> MakeTemplate(const json& config,
       return JsonError(where, absl::StrCat("special token '", name, "' needs an 'ids' array"));
     }
     for (const json& id : *ids) {
-      if (!id.is_number_integer()) {
-        return JsonError(where, absl::StrCat("special token '", name, "' has a non-integer id"));
-      }
-      (seen_sequence ? suffix : prefix).push_back(id.get<int32_t>());
+      ASSIGN_OR_RETURN(const int32_t token_id,
+                       VocabId(id, vocab_size, where, absl::StrCat("special token '", name, "'")));
+      (seen_sequence ? suffix : prefix).push_back(token_id);
     }
   }
   if (!seen_sequence) return JsonError(where, "'single' has no $A sequence");
   return std::make_unique<TemplatePostProcessor>(std::move(prefix), std::move(suffix));
 }
 
-absl::StatusOr<int32_t> PairId(const json& config, std::string_view key, std::string_view where) {
+absl::StatusOr<int32_t> PairId(const json& config, std::string_view key, int32_t vocab_size,
+                               std::string_view where) {
   const auto it = config.find(key);
-  if (it == config.end() || !it->is_array() || it->size() != 2 || !(*it)[1].is_number_integer()) {
+  if (it == config.end() || !it->is_array() || it->size() != 2) {
     return JsonError(where, absl::StrCat("'", Sv(key), "' must be [token, id]"));
   }
-  return (*it)[1].get<int32_t>();
+  return VocabId((*it)[1], vocab_size, where, absl::StrCat("'", Sv(key), "'"));
 }
 
 constexpr char kSupportedPostProcessors[] =
     "TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence";
 
-absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessorImpl(const json& config) {
+absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessorImpl(const json& config,
+                                                                     int32_t vocab_size) {
   ASSIGN_OR_RETURN(const std::string type, GetType(config, "post_processor"));
   const std::string where = absl::StrCat("post_processor ", type);
   if (type == "Sequence") {
@@ -660,18 +679,18 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessorImpl(const json&
     }
     std::vector<std::unique_ptr<PostProcessor>> parts;
     for (const json& part : *it) {
-      ASSIGN_OR_RETURN(auto processor, MakePostProcessorImpl(part));
+      ASSIGN_OR_RETURN(auto processor, MakePostProcessorImpl(part, vocab_size));
       parts.push_back(std::move(processor));
     }
     return std::make_unique<SequencePostProcessor>(std::move(parts));
   }
-  if (type == "TemplateProcessing") return MakeTemplate(config, where);
+  if (type == "TemplateProcessing") return MakeTemplate(config, vocab_size, where);
   if (type == "ByteLevel") {
     return std::make_unique<TemplatePostProcessor>(std::vector<int32_t>{}, std::vector<int32_t>{});
   }
   if (type == "RobertaProcessing" || type == "BertProcessing") {
-    ASSIGN_OR_RETURN(const int32_t cls, PairId(config, "cls", where));
-    ASSIGN_OR_RETURN(const int32_t sep, PairId(config, "sep", where));
+    ASSIGN_OR_RETURN(const int32_t cls, PairId(config, "cls", vocab_size, where));
+    ASSIGN_OR_RETURN(const int32_t sep, PairId(config, "sep", vocab_size, where));
     return std::make_unique<TemplatePostProcessor>(std::vector<int32_t>{cls},
                                                    std::vector<int32_t>{sep});
   }
@@ -692,9 +711,10 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> MakePreTokenizer(const json& confi
   return MakePreTokenizerImpl(config);
 }
 
-absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(const json& config) {
+absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(const json& config,
+                                                                 int32_t vocab_size) {
   if (config.is_null()) return std::unique_ptr<PostProcessor>();
-  return MakePostProcessorImpl(config);
+  return MakePostProcessorImpl(config, vocab_size);
 }
 
 std::unique_ptr<PostProcessor> MakeSimpleTemplate(std::vector<int32_t> prefix,

@@ -51,7 +51,9 @@ class PostProcessor {
   virtual void Suffix(std::vector<int32_t>& ids) const = 0;
 };
 
-absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(const nlohmann::json& config);
+// Every id the post-processor adds must lie in [0, vocab_size).
+absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(const nlohmann::json& config,
+                                                                 int32_t vocab_size);
 
 // TemplateProcessing "[prefix] $A [suffix]" built from explicit ids (tokenizer_config.json's
 // add_bos_token / add_eos_token for Llama-family tokenizers).

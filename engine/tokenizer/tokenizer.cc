@@ -93,8 +93,6 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
                    tokenizer_internal::MakeNormalizer(Field(root, "normalizer")));
   ASSIGN_OR_RETURN(tokenizer->pre_tokenizer_,
                    tokenizer_internal::MakePreTokenizer(Field(root, "pre_tokenizer")));
-  ASSIGN_OR_RETURN(tokenizer->post_processor_,
-                   tokenizer_internal::MakePostProcessor(Field(root, "post_processor")));
   ASSIGN_OR_RETURN(tokenizer->decoder_, tokenizer_internal::MakeDecoder(Field(root, "decoder")));
 
   std::vector<tokenizer_internal::AddedToken> added_tokens;
@@ -139,6 +137,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
     // Decode skips every id whose token string is a special token's content.
     tokenizer->is_special_[token.id] = true;
   }
+  // After added_tokens: the post-processor's ids may name added tokens.
+  ASSIGN_OR_RETURN(
+      tokenizer->post_processor_,
+      tokenizer_internal::MakePostProcessor(Field(root, "post_processor"), tokenizer->vocab_size_));
   tokenizer->added_ = std::make_unique<tokenizer_internal::AddedVocabulary>();
   RETURN_IF_ERROR(tokenizer->added_->Init(std::move(added_tokens), tokenizer->normalizer_.get()));
 

@@ -103,6 +103,32 @@ TEST(TokenizerLoadTest, RefusesUnsupportedComponentsByName) {
             absl::StatusCode::kNotFound);
 }
 
+// Found by the tokenizer_json fuzzer: a post-processor's ids were taken as given, so Encode
+// with special tokens returned ids the model has no embedding row for.
+TEST(TokenizerLoadTest, PostProcessorIdsOutsideTheVocabAreRefused) {
+  const std::string cases[] = {
+      R"("post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id":
+          "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "special_tokens":
+          {"<s>": {"id": "<s>", "ids": [7], "tokens": ["<s>"]}}},)",
+      R"("post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A",
+          "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}], "special_tokens":
+          {"</s>": {"id": "</s>", "ids": [4294967297], "tokens": ["</s>"]}}},)",
+      R"("post_processor": {"type": "BertProcessing", "cls": ["a", -1], "sep": ["b", 1]},)",
+      R"("post_processor": {"type": "Sequence", "processors": [{"type": "ByteLevel"},
+          {"type": "RobertaProcessing", "cls": ["a", 0], "sep": ["b", 4]}]},)",
+  };
+  for (const std::string& fields : cases) {
+    auto tokenizer = Tokenizer::FromJson(TinyTokenizerJson(fields));
+    ASSERT_FALSE(tokenizer.ok()) << fields;
+    EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(tokenizer.status().message(), HasSubstr("outside the vocabulary (ids 0 to 3)"));
+  }
+  auto inside = Tokenizer::FromJson(TinyTokenizerJson(
+      R"("post_processor": {"type": "BertProcessing", "cls": ["ab", 2], "sep": [" ", 3]},)"));
+  ASSERT_TRUE(inside.ok()) << inside.status();
+  EXPECT_EQ(*(*inside)->Encode("a"), (std::vector<int32_t>{2, 0, 3}));
+}
+
 TEST(TokenizerLoadTest, TinyBpeMergesAndJoinsWithoutDecoder) {
   auto tokenizer = Tokenizer::FromJson(TinyTokenizerJson(""));
   ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
