@@ -1,7 +1,7 @@
 // libFuzzer target: config.json text through ParseModelConfig.
 // Checks: no crash; a refusal carries a message; an accepted config has a consistent shape
-// (positive sizes, top_k within the experts, one MoE flag per layer, at least one EOS id
-// inside the vocabulary when any is given).
+// (positive sizes, top_k within the experts, one MoE flag per layer, at least one MoE layer,
+// at least one EOS id inside the vocabulary when any is given).
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -26,8 +26,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         "0 < top_k <= num_experts");
   Check(static_cast<int32_t>(config->layer_is_moe.size()) == config->num_layers,
         "one MoE flag per layer");
-  Check(config->num_moe_layers() >= 0 && config->num_moe_layers() <= config->num_layers,
-        "MoE layers within the layers");
+  Check(config->num_moe_layers() > 0 && config->num_moe_layers() <= config->num_layers,
+        "at least one MoE layer, within the layers");
   (void)config->q_dim();
   (void)config->kv_dim();
   return 0;

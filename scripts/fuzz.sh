@@ -6,13 +6,20 @@
 # Exit status non-zero when a target finds a crash, leak or failed check; the reproducer is in
 # $BUILD_DIR/artifacts/<target>/ (turn it into a GoogleTest regression test).
 #
+# FUZZ_SEED fixes libFuzzer's random seed: the same commit then tries the same inputs in the
+# same order (up to how far FUZZ_SECONDS gets on the machine), so a gate does not pass or fail
+# by luck. Unset (a fresh seed each run) is how long campaigns find new bugs.
+#
 #   scripts/fuzz.sh                      # all targets, FUZZ_SECONDS (default 25) each
 #   FUZZ_SECONDS=300 scripts/fuzz.sh safetensors generate_request
+#   FUZZ_SEED=1 FUZZ_SECONDS=20 scripts/fuzz.sh   # what CI runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD_DIR=build-fuzz  # the binaryDir of the fuzz preset (CMakePresets.json)
 SECONDS_EACH="${FUZZ_SECONDS:-25}"
+SEED_FLAG=()
+if [[ -n "${FUZZ_SEED:-}" ]]; then SEED_FLAG=(-seed="$FUZZ_SEED"); fi
 TARGETS=("$@")
 if ((${#TARGETS[@]} == 0)); then
   TARGETS=(tokenizer tokenizer_json model_config safetensors generate_request)
@@ -34,7 +41,7 @@ for target in "${TARGETS[@]}"; do
   mkdir -p "$corpus" "$artifacts"
   log="$BUILD_DIR/fuzz-$target.log"
   t0=$(date +%s)
-  if "$BUILD_DIR/fuzz/${target}_fuzzer" -max_total_time="$SECONDS_EACH" -timeout=10 \
+  if "$BUILD_DIR/fuzz/${target}_fuzzer" "${SEED_FLAG[@]}" -max_total_time="$SECONDS_EACH" -timeout=10 \
       -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
       -artifact_prefix="$artifacts/" "$corpus" "fuzz/corpus/$target" > "$log" 2>&1; then
     runs=$(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')

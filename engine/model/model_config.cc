@@ -99,18 +99,17 @@ absl::StatusOr<Architecture> ParseArchitecture(const Json& json, absl::string_vi
                                                std::string* name) {
   const auto it = json.find("architectures");
   if (it == json.end() || !it->is_array() || it->size() != 1 || !(*it)[0].is_string()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source, ": 'architectures' must list exactly one of: ",
-                     kSupportedArchitectures));
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": 'architectures' must list exactly one of: ", kSupportedArchitectures));
   }
   *name = (*it)[0].get<std::string>();
   if (*name == "MixtralForCausalLM") return Architecture::kMixtral;
   if (*name == "Qwen2MoeForCausalLM") return Architecture::kQwen2Moe;
   if (*name == "Qwen3MoeForCausalLM") return Architecture::kQwen3Moe;
   if (*name == "OlmoeForCausalLM") return Architecture::kOlmoe;
-  return absl::InvalidArgumentError(absl::StrCat(source, ": architecture '", *name,
-                                                 "' is not supported; supported: ",
-                                                 kSupportedArchitectures));
+  return absl::InvalidArgumentError(
+      absl::StrCat(source, ": architecture '", *name,
+                   "' is not supported; supported: ", kSupportedArchitectures));
 }
 
 // Settings we do not implement are refused rather than silently ignored.
@@ -165,14 +164,14 @@ absl::string_view ArchitectureName(Architecture architecture) {
   return "?";
 }
 
-absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source) {
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
+                                             absl::string_view source) {
   const Json json = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (json.is_discarded() || !json.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
   }
   ModelConfig config;
-  ASSIGN_OR_RETURN(config.architecture,
-                   ParseArchitecture(json, source, &config.architecture_name));
+  ASSIGN_OR_RETURN(config.architecture, ParseArchitecture(json, source, &config.architecture_name));
   FieldReader reader(json, source);
 
   config.vocab_size = reader.Int("vocab_size");
@@ -230,8 +229,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
       mlp_only_layers = reader.IntList("mlp_only_layers");
       if (config.architecture == Architecture::kQwen2Moe) {
         config.qkv_bias = reader.Bool("qkv_bias", true);  // Qwen2 always has q/k/v biases
-        config.shared_expert_intermediate_size =
-            reader.Int("shared_expert_intermediate_size", 0);
+        config.shared_expert_intermediate_size = reader.Int("shared_expert_intermediate_size", 0);
       } else {
         config.qkv_bias = config.o_bias = reader.Bool("attention_bias", false);
         config.qk_norm = QkNorm::kPerHead;
@@ -247,8 +245,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
   if (config.architecture == Architecture::kQwen2Moe ||
       config.architecture == Architecture::kQwen3Moe) {
     for (int32_t layer = 0; layer < config.num_layers; ++layer) {
-      const bool mlp_only = std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) !=
-                            mlp_only_layers.end();
+      const bool mlp_only =
+          std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end();
       config.layer_is_moe[layer] =
           !mlp_only && config.num_experts > 0 && (layer + 1) % decoder_sparse_step == 0;
     }
@@ -260,8 +258,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
   };
   if (config.vocab_size <= 0 || config.hidden_size <= 0 || config.num_layers <= 0 ||
       config.num_heads <= 0 || config.head_dim <= 0) {
-    return invalid("vocab_size, hidden_size, num_hidden_layers, num_attention_heads and head_dim "
-                   "must be positive");
+    return invalid(
+        "vocab_size, hidden_size, num_hidden_layers, num_attention_heads and head_dim "
+        "must be positive");
   }
   if (config.num_kv_heads <= 0 || config.num_heads % config.num_kv_heads != 0) {
     return invalid(absl::StrCat("num_attention_heads (", config.num_heads,
@@ -276,14 +275,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
     return invalid(absl::StrCat("num_attention_heads x head_dim (", config.num_heads, " x ",
                                 config.head_dim, ") is larger than ", kMaxDimension));
   }
-  if (config.num_moe_layers() > 0) {
-    if (config.num_experts <= 0 || config.top_k <= 0 || config.top_k > config.num_experts) {
-      return invalid(absl::StrCat("num_experts_per_tok (", config.top_k,
-                                  ") must be in [1, number of experts (", config.num_experts,
-                                  ")]"));
-    }
-    if (config.moe_intermediate_size <= 0) return invalid("expert intermediate size must be > 0");
+  // Qwen's num_experts 0 (or every layer in mlp_only_layers) makes a dense model in
+  // transformers; moe-serve serves Mixture-of-Experts models, and its MoE statistics, metrics
+  // and tests assume at least one routed layer (found by fuzz/model_config_fuzzer).
+  if (config.num_moe_layers() == 0) {
+    return invalid(absl::StrCat("no layer has routed experts (num_experts ", config.num_experts,
+                                ", ", config.num_layers,
+                                " layers); moe-serve serves Mixture-of-Experts models"));
   }
+  if (config.num_experts <= 0 || config.top_k <= 0 || config.top_k > config.num_experts) {
+    return invalid(absl::StrCat("num_experts_per_tok (", config.top_k,
+                                ") must be in [1, number of experts (", config.num_experts, ")]"));
+  }
+  if (config.moe_intermediate_size <= 0) return invalid("expert intermediate size must be > 0");
   if (config.num_moe_layers() < config.num_layers && config.intermediate_size <= 0) {
     return invalid("dense layers need intermediate_size > 0");
   }
@@ -294,7 +298,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
   std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open (is --model a model directory?)"));
+  if (!in)
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open (is --model a model directory?)"));
   std::ostringstream text;
   text << in.rdbuf();
   return ParseModelConfig(text.str(), path);

@@ -76,6 +76,20 @@ TEST(ModelConfigTest, RefusesUnsupported) {
           "num_hidden_layers":1,"num_attention_heads":2,"num_experts":4,
           "num_experts_per_tok":2,"moe_intermediate_size":4,"use_sliding_window":true})", "use_sliding_window"},
       {R"([1,2])", "not a JSON object"},
+      // fuzz/model_config_fuzzer: Qwen's num_experts 0 is a dense model (was accepted with
+      // top_k 2 of 0 experts).
+      {R"({"architectures":["Qwen3MoeForCausalLM"],"vocab_size":10,"hidden_size":8,
+          "num_hidden_layers":2,"num_attention_heads":2,"num_experts":0,
+          "num_experts_per_tok":2,"moe_intermediate_size":4,"intermediate_size":4})",
+       "no layer has routed experts (num_experts 0, 2 layers)"},
+      {R"({"architectures":["Qwen2MoeForCausalLM"],"vocab_size":10,"hidden_size":8,
+          "num_hidden_layers":2,"num_attention_heads":2,"num_experts":4,"mlp_only_layers":[0,1],
+          "num_experts_per_tok":2,"moe_intermediate_size":4,"intermediate_size":4})",
+       "no layer has routed experts (num_experts 4, 2 layers)"},
+      {R"({"architectures":["MixtralForCausalLM"],"vocab_size":10,"hidden_size":8,
+          "num_hidden_layers":1,"num_attention_heads":2,"num_local_experts":0,
+          "num_experts_per_tok":2,"intermediate_size":4})",
+       "num_experts_per_tok (2) must be in [1, number of experts (0)]"},
       // fuzz/model_config_fuzzer: q_dim() = 65536 * 65536 overflowed int32.
       {R"({"architectures":["MixtralForCausalLM"],"vocab_size":10,"hidden_size":8,
           "num_hidden_layers":1,"num_attention_heads":65536,"num_key_value_heads":65536,
