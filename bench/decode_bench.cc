@@ -3,6 +3,7 @@
 //
 //   moe-bench-decode [--model=DIR] [--threads=2] [--steps=32] [--sequences=1,4,16]
 //                    [--prefill_tokens=512] [--bf16_activations] [--kernel_tokens=1,4,8]
+//                    [--context=32] [--kv_cache_dtype=f32|bf16]
 //
 // Without --model it writes the bench-mixtral preset (hidden 1024, 8 layers, 16/4 heads,
 // 8 experts top-2, expert FFN 2816, vocab 32000, bf16) to build/bench_models/ first.
@@ -39,6 +40,7 @@ ABSL_FLAG(int32_t, context, 32, "Decode: prompt tokens of each sequence before t
 ABSL_FLAG(std::string, sequences, "1,4,16", "Comma-separated decode batch sizes");
 ABSL_FLAG(std::string, kernel_tokens, "1",
           "Comma-separated token counts for the matmul kernel's own bandwidth probe");
+ABSL_FLAG(std::string, kv_cache_dtype, "f32", "What the KV cache stores: f32 or bf16");
 ABSL_FLAG(bool, bf16_activations, false,
           "CPU backend: bf16 activations with AVX512-BF16 dot products (lower precision)");
 
@@ -148,12 +150,19 @@ int Run() {
   options.num_threads = threads;
   options.cpu_bf16_activations = absl::GetFlag(FLAGS_bf16_activations);
   options.kv_cache_bytes = 1ll << 30;
+  const auto kv_cache_dtype = ParseKvCacheDType(absl::GetFlag(FLAGS_kv_cache_dtype));
+  if (!kv_cache_dtype.ok()) {
+    std::cerr << kv_cache_dtype.status().message() << "\n";
+    return 1;
+  }
+  options.kv_cache_dtype = *kv_cache_dtype;
   auto runner = ModelRunner::Create(options);
   if (!runner.ok()) {
     std::cerr << runner.status().message() << "\n";
     return 1;
   }
-  std::cout << "backend: " << (*runner)->backend_description() << "\n";
+  std::cout << "backend: " << (*runner)->backend_description()
+            << ", KV cache: " << KvCacheDTypeName(options.kv_cache_dtype) << "\n";
   std::cout << absl::StrFormat(
       "model: %s, %d layers, hidden %d, %d experts top-%d, %.0fM params"
       " (%.0fM active per token)\n",
@@ -222,9 +231,10 @@ int Run() {
         step_bytes +=
             std::set<int32_t>(ids.begin(), ids.end()).size() * double(weight_bytes.per_expert);
       }
-      // KV read: every sequence's context, K and V, all layers (float32).
+      // KV read: every sequence's context, K and V, all layers.
       for (int32_t s = 0; s < sequences; ++s) {
-        step_bytes += 2.0 * config.num_layers * batcher.length(s) * config.kv_dim() * sizeof(float);
+        step_bytes += 2.0 * config.num_layers * batcher.length(s) * config.kv_dim() *
+                      DTypeSize(options.kv_cache_dtype);
       }
       bytes_read += step_bytes;
     }

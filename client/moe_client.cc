@@ -257,7 +257,7 @@ int Info(v1::Inference::Stub& stub) {
       "model         %s\narchitecture  %s (%s)\nlayers        %d (%d MoE: %s)\n"
       "experts       %d routed, top-%d, %d shared\nparameters    %.2fM total, %.2fM active per "
       "token (%.1f%%)\ndtype         %s\nbackend       %s\ncontext       %d tokens (prompt at "
-      "most %d)\nKV cache      %d blocks x %d tokens = %lld tokens\nvocab         %d "
+      "most %d)\nKV cache      %d blocks x %d tokens = %lld tokens (%s)\nvocab         %d "
       "(tokenizer: %s)\nserver        %s\n",
       info.model_path().c_str(), info.architecture().c_str(), info.architecture_class().c_str(),
       info.num_layers(), info.num_moe_layers(),
@@ -266,8 +266,8 @@ int Info(v1::Inference::Stub& stub) {
       p.total() > 0 ? 100.0 * p.active_per_token() / p.total() : 0.0, info.dtype().c_str(),
       info.device().c_str(), info.context_length(), info.max_prompt_tokens(),
       info.kv_total_blocks(), info.kv_block_size(),
-      static_cast<long long>(info.kv_capacity_tokens()), info.vocab_size(),
-      info.has_tokenizer() ? "yes" : "no", info.server_version().c_str());
+      static_cast<long long>(info.kv_capacity_tokens()), info.kv_cache_dtype().c_str(),
+      info.vocab_size(), info.has_tokenizer() ? "yes" : "no", info.server_version().c_str());
   return 0;
 }
 

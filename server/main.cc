@@ -61,6 +61,10 @@ ABSL_FLAG(bool, cpu_bf16_activations, false,
           "prefill and batched decode, ~1e-2 relative logit error; needs --backend=cpu).");
 ABSL_FLAG(int64_t, kv_cache_mib, 256,
           "Memory budget of the paged KV cache, MiB. Env: MOE_KV_CACHE_MIB.");
+ABSL_FLAG(std::string, kv_cache_dtype, "f32",
+          "What the KV cache stores: f32 (exact) or bf16 (twice the tokens in the same "
+          "--kv_cache_mib and half the bytes attention reads; K/V rounded to bf16; CPU "
+          "backend only). Env: MOE_KV_CACHE_DTYPE.");
 ABSL_FLAG(int32_t, kv_block_size, 16, "Tokens per KV cache block. Env: MOE_KV_BLOCK_SIZE.");
 ABSL_FLAG(int32_t, max_num_seqs, 64,
           "Batching: sequences running at once at most. Env: MOE_MAX_NUM_SEQS.");
@@ -107,6 +111,7 @@ bool ApplyEnvironment() {
                                        "backend",
                                        "num_threads",
                                        "kv_cache_mib",
+                                       "kv_cache_dtype",
                                        "kv_block_size",
                                        "max_num_seqs",
                                        "max_num_batched_tokens",
@@ -169,6 +174,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   options.kv_cache_bytes = kv_cache_mib << 20;
+  const auto kv_cache_dtype = moe::ParseKvCacheDType(absl::GetFlag(FLAGS_kv_cache_dtype));
+  if (!kv_cache_dtype.ok()) {
+    std::fprintf(stderr, "moe-serve: --kv_cache_dtype: %s\n",
+                 std::string(kv_cache_dtype.status().message()).c_str());
+    return 2;
+  }
+  options.kv_cache_dtype = *kv_cache_dtype;
   options.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
   options.max_num_seqs = absl::GetFlag(FLAGS_max_num_seqs);
   options.max_num_batched_tokens = absl::GetFlag(FLAGS_max_num_batched_tokens);
@@ -258,13 +270,13 @@ int main(int argc, char** argv) {
   std::fprintf(stderr,
                "moe-serve: model=%s architecture=%s layers=%d moe_layers=%d experts=%d top_k=%d "
                "params_total=%lld params_active_per_token=%lld dtype=%s backend=\"%s\" "
-               "context=%d kv_blocks=%d tokenizer=%s load_s=%.2f\n",
+               "context=%d kv_blocks=%d kv_dtype=%s tokenizer=%s load_s=%.2f\n",
                info.model_path().c_str(), info.architecture().c_str(), info.num_layers(),
                info.num_moe_layers(), info.num_experts(), info.top_k(),
                static_cast<long long>(info.parameters().total()),
                static_cast<long long>(info.parameters().active_per_token()), info.dtype().c_str(),
                info.device().c_str(), info.context_length(), info.kv_total_blocks(),
-               info.has_tokenizer() ? "yes" : "no",
+               info.kv_cache_dtype().c_str(), info.has_tokenizer() ? "yes" : "no",
                absl::ToDoubleSeconds(absl::Now() - load_start));
   std::fprintf(stderr, "moe-serve: SERVING on %s:%d (metrics port %d)\n", options.host.c_str(),
                (*server)->port(), metrics != nullptr ? metrics->port() : -1);

@@ -191,6 +191,7 @@ absl::Status MoeServer::LoadModel() {
   engine_options.runner.block_size = options_.kv_block_size;
   engine_options.runner.num_threads = options_.num_threads;
   engine_options.runner.cpu_bf16_activations = options_.cpu_bf16_activations;
+  engine_options.runner.kv_cache_dtype = options_.kv_cache_dtype;
   engine_options.scheduler.max_num_seqs = options_.max_num_seqs;
   engine_options.scheduler.max_num_batched_tokens = options_.max_num_batched_tokens;
   engine_options.scheduler.enable_chunked_prefill = options_.enable_chunked_prefill;
@@ -254,6 +255,7 @@ absl::Status MoeServer::LoadModel() {
   info.set_kv_block_size(runner->block_size());
   info.set_kv_total_blocks(runner->num_blocks());
   info.set_kv_capacity_tokens(static_cast<int64_t>(runner->block_size()) * runner->num_blocks());
+  info.set_kv_cache_dtype(std::string(KvCacheDTypeName(options_.kv_cache_dtype)));
   for (int32_t id : config.eos_token_ids) info.add_eos_token_ids(id);
   info.set_has_tokenizer(tokenizer_ != nullptr);
   info.set_server_version(kServerVersion);

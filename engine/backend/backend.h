@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/model/dtype.h"
 #include "engine/model/model_weights.h"
 #include "engine/model/safetensors.h"
 #include "engine/ops/batch.h"
@@ -78,15 +79,18 @@ struct KvCacheShape {
   int32_t block_size = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+  // What K and V are stored as: kF32 (exact), or kBF16 (half the memory and the bytes attention
+  // reads; each cached value rounded to nearest even, computed with in float32).
+  DType dtype = DType::kF32;
 
   // Elements of one layer's K (or V) pool: num_blocks x block_size x num_kv_heads x head_dim
   // (the order is the backend's).
   int64_t layer_elements() const {
     return int64_t{num_blocks} * block_size * num_kv_heads * head_dim;
   }
-  // Bytes of one block across all layers, K and V (float32).
+  // Bytes of one block across all layers, K and V.
   int64_t bytes_per_block() const {
-    return int64_t{2} * num_layers * block_size * num_kv_heads * head_dim * sizeof(float);
+    return int64_t{2} * num_layers * block_size * num_kv_heads * head_dim * DTypeSize(dtype);
   }
 };
 

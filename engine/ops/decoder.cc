@@ -209,6 +209,15 @@ class DecoderRunner final : public ModelRunner {
 
 }  // namespace
 
+absl::StatusOr<DType> ParseKvCacheDType(std::string_view name) {
+  if (name == "f32") return DType::kF32;
+  if (name == "bf16") return DType::kBF16;
+  return absl::InvalidArgumentError(absl::StrCat("KV cache type '", std::string(name),
+                                                 "' is not supported; supported: f32, bf16"));
+}
+
+std::string_view KvCacheDTypeName(DType dtype) { return dtype == DType::kBF16 ? "bf16" : "f32"; }
+
 absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(
     const ModelRunnerOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<LoadedModel> model, LoadModel(options.model_dir));
@@ -224,7 +233,8 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(
   KvCacheShape kv_shape{.num_layers = model->config.num_layers,
                         .block_size = options.block_size,
                         .num_kv_heads = model->config.num_kv_heads,
-                        .head_dim = model->config.head_dim};
+                        .head_dim = model->config.head_dim,
+                        .dtype = options.kv_cache_dtype};
   const int64_t blocks = options.kv_cache_bytes / kv_shape.bytes_per_block();
   if (blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -7,9 +7,9 @@ namespace moe {
 absl::StatusOr<int32_t> OfflineBatcher::AddSequence(int32_t max_tokens) {
   const int32_t blocks = (max_tokens + block_size_ - 1) / block_size_;
   if (next_block_ + blocks > num_blocks_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "KV cache too small: ", max_tokens, " more tokens need ", blocks, " blocks, ",
-        num_blocks_ - next_block_, " of ", num_blocks_, " are left"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV cache too small: ", max_tokens, " more tokens need ", blocks, " blocks, ",
+                     num_blocks_ - next_block_, " of ", num_blocks_, " are left"));
   }
   Sequence sequence;
   for (int32_t i = 0; i < blocks; ++i) sequence.blocks.push_back(next_block_++);

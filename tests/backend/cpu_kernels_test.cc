@@ -1,6 +1,7 @@
 // CPU backend kernels and thread pool: exactness of the fp32 path, batch invariance (a token's
 // result never depends on which tile or batch computed it), the opt-in bf16-activation path's
 // error bound, and ParallelFor covering every index exactly once.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <random>
@@ -12,6 +13,7 @@
 #include "engine/model/dtype.h"
 #include "engine/ops/model_runner.h"
 #include "engine/ops/offline_batch.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace moe {
@@ -238,6 +240,22 @@ TEST(AttentionKernelsTest, GroupedRowKernelsEqualDotAndAxpyBitForBit) {
           ASSERT_EQ(sums[h * dim + d], expected[d]) << heads << " " << dim << " " << h << " " << d;
         }
       }
+      // A bf16 KV cache: the same bits as the float kernels on the rows widened to float.
+      std::vector<uint16_t> base_bf16(base.size());
+      std::vector<float> widened(base.size());
+      for (size_t i = 0; i < base.size(); ++i) {
+        base_bf16[i] = FloatToBf16(base[i]);
+        widened[i] = Bf16ToFloat(base_bf16[i]);
+      }
+      std::vector<float> bf16_scores(heads * n), bf16_sums(heads * dim);
+      cpu::DotRows(q.data(), heads, base_bf16.data(), rows.data(), n, dim, bf16_scores.data());
+      cpu::WeightedSumRows(weights.data(), heads, base_bf16.data(), rows.data(), n, dim,
+                           bf16_sums.data());
+      cpu::DotRows(q.data(), heads, widened.data(), rows.data(), n, dim, scores.data());
+      cpu::WeightedSumRows(weights.data(), heads, widened.data(), rows.data(), n, dim, sums.data());
+      ASSERT_EQ(bf16_scores, scores) << heads << " " << dim;
+      ASSERT_EQ(bf16_sums, sums) << heads << " " << dim;
+      ASSERT_NE(widened, base);  // the rounding happened
     }
   }
 }
@@ -315,57 +333,98 @@ TEST(ThreadPoolTest, WorkersThatSleptWakeUp) {
   }
 }
 
-// ---- whole model: the opt-in bf16-activation path -------------------------------------------
+// ---- whole model: the opt-in lower-precision paths ---------------------------------------
 
-std::vector<float> Logits(bool bf16_activations, bool packed) {
+// Logits of two prompts prefilled, then 6 greedy decode steps of both (the decode steps read
+// the cache the prefill wrote); each sequence in its own batches, or packed together.
+std::vector<float> Logits(bool bf16_activations, DType kv_cache_dtype, bool packed) {
   ModelRunnerOptions options;
   options.model_dir = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/models/mixtral";
   options.kv_cache_bytes = 4 << 20;
   options.num_threads = 2;
   options.cpu_bf16_activations = bf16_activations;
+  options.kv_cache_dtype = kv_cache_dtype;
   auto runner = ModelRunner::Create(options);
   EXPECT_TRUE(runner.ok()) << runner.status();
   if (!runner.ok()) return {};
-  const std::vector<std::vector<int32_t>> prompts = {{3, 14, 15, 92, 65, 35, 89, 79, 32, 38},
-                                                     {2, 71, 82, 81, 82, 8}};
+  std::vector<std::vector<int32_t>> next = {{3, 14, 15, 92, 65, 35, 89, 79, 32, 38},
+                                            {2, 71, 82, 81, 82, 8}};
   OfflineBatcher batcher((*runner)->block_size(), (*runner)->num_blocks());
+  for (size_t s = 0; s < next.size(); ++s) EXPECT_TRUE(batcher.AddSequence(64).ok());
   std::vector<float> logits;
-  ForwardBatch batch;
-  for (size_t s = 0; s < prompts.size(); ++s) {
-    EXPECT_TRUE(batcher.Append(batch, batcher.AddSequence(64).value(), prompts[s], true).ok());
-    if (!packed || s + 1 == prompts.size()) {
+  for (int step = 0; step < 7; ++step) {
+    ForwardBatch batch;
+    for (size_t s = 0; s < next.size(); ++s) {
+      EXPECT_TRUE(batcher.Append(batch, s, next[s], true).ok());
+      if (packed && s + 1 < next.size()) continue;
       auto output = (*runner)->Forward(batch);
       EXPECT_TRUE(output.ok()) << output.status();
       if (!output.ok()) return {};
       logits.insert(logits.end(), output->logits.begin(), output->logits.end());
       batch = ForwardBatch();
     }
+    const int64_t vocab = (*runner)->config().vocab_size;
+    for (size_t s = 0; s < next.size(); ++s) {
+      const auto row = logits.end() - (next.size() - s) * vocab;
+      next[s] = {static_cast<int32_t>(std::max_element(row, row + vocab) - row)};
+    }
   }
   return logits;
 }
 
-TEST(Bf16ActivationsTest, LogitsCloseToExactAndBatchInvariant) {
-  if (!cpu::HasBf16DotProduct()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
-  const std::vector<float> exact = Logits(false, false);
-  const std::vector<float> bf16 = Logits(true, false);
-  ASSERT_EQ(exact.size(), bf16.size());
+// The bound an option documents: relative RMS error over all logits, and the largest error
+// against the largest logit.
+void ExpectCloseToExact(const std::vector<float>& exact, const std::vector<float>& other,
+                        double bound) {
+  ASSERT_EQ(exact.size(), other.size());
   ASSERT_FALSE(exact.empty());
   double diff = 0, norm = 0, max_abs = 0, max_err = 0;
   for (size_t i = 0; i < exact.size(); ++i) {
-    diff += (bf16[i] - exact[i]) * double(bf16[i] - exact[i]);
+    diff += (other[i] - exact[i]) * double(other[i] - exact[i]);
     norm += exact[i] * double(exact[i]);
     max_abs = std::max(max_abs, std::abs(double(exact[i])));
-    max_err = std::max(max_err, std::abs(double(bf16[i]) - exact[i]));
+    max_err = std::max(max_err, std::abs(double(other[i]) - exact[i]));
   }
-  // The documented bound of the option: 2e-2 relative (RMS over all logits, and the largest
-  // error against the largest logit).
-  RecordProperty("relative_rms_error", std::to_string(std::sqrt(diff / norm)));
-  RecordProperty("max_error_over_max_logit", std::to_string(max_err / max_abs));
-  EXPECT_LE(std::sqrt(diff / norm), 2e-2);
-  EXPECT_LE(max_err / max_abs, 2e-2);
-  EXPECT_NE(exact, bf16);  // the option really took the other path
+  testing::Test::RecordProperty("relative_rms_error", std::to_string(std::sqrt(diff / norm)));
+  testing::Test::RecordProperty("max_error_over_max_logit", std::to_string(max_err / max_abs));
+  EXPECT_LE(std::sqrt(diff / norm), bound);
+  EXPECT_LE(max_err / max_abs, bound);
+  EXPECT_NE(exact, other);  // the option really took the other path
+}
+
+TEST(Bf16ActivationsTest, LogitsCloseToExactAndBatchInvariant) {
+  if (!cpu::HasBf16DotProduct()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const std::vector<float> bf16 = Logits(true, DType::kF32, false);
+  ExpectCloseToExact(Logits(false, DType::kF32, false), bf16, 2e-2);
   // Packed with another sequence: bit-identical to each sequence alone.
-  EXPECT_EQ(Logits(true, true), bf16);
+  EXPECT_EQ(Logits(true, DType::kF32, true), bf16);
+}
+
+TEST(Bf16KvCacheTest, LogitsCloseToExactAndBatchInvariant) {
+  const std::vector<float> bf16_kv = Logits(false, DType::kBF16, false);
+  ExpectCloseToExact(Logits(false, DType::kF32, false), bf16_kv, 2e-2);
+  EXPECT_EQ(Logits(false, DType::kBF16, true), bf16_kv);
+}
+
+TEST(Bf16KvCacheTest, HoldsTwiceTheBlocksAndRefusesOtherTypes) {
+  ModelRunnerOptions options;
+  options.model_dir = std::string(MOE_SOURCE_DIR) + "/tests/fixtures/models/mixtral";
+  options.kv_cache_bytes = 4 << 20;
+  options.num_threads = 1;
+  auto f32 = ModelRunner::Create(options);
+  options.kv_cache_dtype = DType::kBF16;
+  auto bf16 = ModelRunner::Create(options);
+  ASSERT_TRUE(f32.ok() && bf16.ok()) << f32.status() << bf16.status();
+  EXPECT_EQ((*bf16)->num_blocks(), 2 * (*f32)->num_blocks());
+  options.kv_cache_dtype = DType::kF16;
+  auto f16 = ModelRunner::Create(options);
+  EXPECT_EQ(f16.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(f16.status().message()),
+              testing::HasSubstr("KV cache type F16 is not supported; supported: F32, BF16"));
+  EXPECT_EQ(*ParseKvCacheDType("bf16"), DType::kBF16);
+  EXPECT_EQ(*ParseKvCacheDType("f32"), DType::kF32);
+  EXPECT_THAT(std::string(ParseKvCacheDType("fp8").status().message()),
+              testing::HasSubstr("KV cache type 'fp8' is not supported; supported: f32, bf16"));
 }
 
 }  // namespace

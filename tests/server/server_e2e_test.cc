@@ -185,7 +185,37 @@ TEST(ServerTest, ModelInfoDescribesTheLoadedModel) {
   EXPECT_EQ(info.kv_total_blocks(), s->server->engine()->Stats().kv_total_blocks);
   EXPECT_EQ(info.kv_capacity_tokens(),
             static_cast<int64_t>(info.kv_total_blocks()) * info.kv_block_size());
+  EXPECT_EQ(info.kv_cache_dtype(), "f32");
   EXPECT_TRUE(info.has_tokenizer());
+}
+
+// --kv_cache_dtype=bf16: the same budget holds twice the tokens; concurrent requests get the
+// tokens each gets alone.
+TEST(ServerTest, Bf16KvCacheHoldsTwiceTheTokensAndStaysBatchInvariant) {
+  ServerOptions options = TestOptions();
+  options.kv_cache_dtype = DType::kBF16;
+  auto s = TestServer::Start(options);
+  auto f32 = TestServer::Start(TestOptions());
+  v1::ModelInfo info, f32_info;
+  grpc::ClientContext context, f32_context;
+  ASSERT_TRUE(s->stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info).ok());
+  ASSERT_TRUE(f32->stub->GetModelInfo(&f32_context, v1::GetModelInfoRequest(), &f32_info).ok());
+  EXPECT_EQ(info.kv_cache_dtype(), "bf16");
+  EXPECT_EQ(info.kv_total_blocks(), 2 * f32_info.kv_total_blocks());
+  std::vector<std::vector<int32_t>> alone(3), together(3);
+  for (int i = 0; i < 3; ++i) {
+    const StreamResult result = RunGenerate(*s->stub, GreedyRequest(Prompt(i, 9), 12));
+    ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+    alone[i] = result.tokens;
+    EXPECT_EQ(alone[i].size(), 12u);
+  }
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back(
+        [&, i] { together[i] = RunGenerate(*s->stub, GreedyRequest(Prompt(i, 9), 12)).tokens; });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(together, alone);
 }
 
 TEST(ServerTest, ExpertStatsCountEveryRoutedToken) {

@@ -167,6 +167,8 @@ class StartupFaultsTest(unittest.TestCase):
         self.assert_clean_failure(self.serve("--kv_cache_mib=9223372036854775807"),
                                   "--kv_cache_mib")
         self.assert_clean_failure(self.serve("--max_message_mib=0"), "--max_message_mib")
+        self.assert_clean_failure(self.serve("--kv_cache_dtype=fp8"), "--kv_cache_dtype",
+                                  "'fp8' is not supported; supported: f32, bf16")
         self.assert_clean_failure(self.serve(env={"MOE_PORT": "not-a-number"}), "MOE_PORT")
 
     def test_tls_files(self):

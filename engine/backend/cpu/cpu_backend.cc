@@ -7,6 +7,7 @@
 #include <limits>
 #include <numeric>
 #include <thread>
+#include <type_traits>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -108,8 +109,13 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status AllocateKvCache(const KvCacheShape& shape) override {
+    if (shape.dtype != DType::kF32 && shape.dtype != DType::kBF16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu: KV cache type ", DTypeName(shape.dtype), " is not supported; ",
+                       "supported: ", DTypeName(DType::kF32), ", ", DTypeName(DType::kBF16)));
+    }
     kv_shape_ = shape;
-    const size_t layer_bytes = shape.layer_elements() * sizeof(float);
+    const size_t layer_bytes = shape.layer_elements() * DTypeSize(shape.dtype);
     keys_.clear();
     values_.clear();
     for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
@@ -218,57 +224,22 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status WriteKv(int32_t layer, Matrix k, Matrix v) override {
-    const int64_t head_dim = kv_shape_.head_dim;
-    float* keys = keys_[layer].as<float>();
-    float* values = values_[layer].as<float>();
-    for (int64_t t = 0; t < k.rows; ++t) {
-      const int64_t slot = batch_->slot_mapping[t];
-      const int64_t block = slot / kv_shape_.block_size, offset = slot % kv_shape_.block_size;
-      for (int32_t kv_head = 0; kv_head < kv_shape_.num_kv_heads; ++kv_head) {
-        const int64_t row = KvRow(block, kv_head, offset);
-        std::memcpy(keys + row, k.row(t) + kv_head * head_dim, head_dim * sizeof(float));
-        std::memcpy(values + row, v.row(t) + kv_head * head_dim, head_dim * sizeof(float));
-      }
+    if (kv_shape_.dtype == DType::kBF16) {
+      WriteKvRows(k, v, keys_[layer].as<uint16_t>(), values_[layer].as<uint16_t>());
+    } else {
+      WriteKvRows(k, v, keys_[layer].as<float>(), values_[layer].as<float>());
     }
     return absl::OkStatus();
   }
 
   absl::Status Attention(const AttentionParams& params, Matrix q, Matrix out) override {
-    const int32_t group = params.num_heads / params.num_kv_heads;
-    const int32_t block_size = kv_shape_.block_size;
-    const float* keys = keys_[params.layer].as<float>();
-    const float* values = values_[params.layer].as<float>();
-    // One item per (token, KV head): the group's query heads share every K/V row read.
-    pool_.ParallelFor(q.rows * params.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;  // [group, positions]
-      std::vector<int64_t> rows;  // [positions] offset of each position's K/V head vector
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / params.num_kv_heads;
-        const int32_t kv_head = static_cast<int32_t>(item % params.num_kv_heads);
-        const SequenceChunk& chunk = batch_->sequences[token_sequence_[t]];
-        const int32_t position = batch_->positions[t];
-        const int32_t first =
-            params.sliding_window > 0 ? std::max(0, position - params.sliding_window + 1) : 0;
-        const int64_t n = position - first + 1;
-        rows.resize(n);
-        // Block by block (no division per position).
-        for (int32_t p = first; p <= position;) {
-          const int32_t offset = p % block_size;
-          const int32_t count = std::min(block_size - offset, position + 1 - p);
-          const int64_t row = KvRow(chunk.block_table[p / block_size], kv_head, offset);
-          for (int32_t i = 0; i < count; ++i) rows[p - first + i] = row + i * params.head_dim;
-          p += count;
-        }
-        scores.resize(group * n);
-        const int64_t first_head = int64_t{kv_head} * group;
-        cpu::DotRows(q.row(t) + first_head * params.head_dim, group, keys, rows.data(), n,
-                     params.head_dim, scores.data());
-        for (int32_t h = 0; h < group; ++h)
-          cpu::ScaledSoftmax(scores.data() + h * n, n, params.scale);
-        cpu::WeightedSumRows(scores.data(), group, values, rows.data(), n, params.head_dim,
-                             out.row(t) + first_head * params.head_dim);
-      }
-    });
+    if (kv_shape_.dtype == DType::kBF16) {
+      AttendOverCache(params, q, out, keys_[params.layer].as<uint16_t>(),
+                      values_[params.layer].as<uint16_t>());
+    } else {
+      AttendOverCache(params, q, out, keys_[params.layer].as<float>(),
+                      values_[params.layer].as<float>());
+    }
     return absl::OkStatus();
   }
 
@@ -408,6 +379,68 @@ class CpuBackend final : public Backend {
  private:
   bool UseBf16Activations(const cpu::PackedMatrix& weight) const {
     return bf16_activations_ && weight.type() == DType::kBF16;
+  }
+
+  // Stores k and v ([tokens, kv_heads * head_dim]) at the step's slots: KvT float copies,
+  // uint16_t (bf16) rounds to nearest even.
+  template <class KvT>
+  void WriteKvRows(Matrix k, Matrix v, KvT* keys, KvT* values) const {
+    const int64_t head_dim = kv_shape_.head_dim;
+    auto store = [head_dim](const float* from, KvT* to) {
+      if constexpr (std::is_same_v<KvT, float>) {
+        std::memcpy(to, from, head_dim * sizeof(float));
+      } else {
+        cpu::FloatToBf16Rows(from, head_dim, 1, head_dim, to, head_dim);
+      }
+    };
+    for (int64_t t = 0; t < k.rows; ++t) {
+      const int64_t slot = batch_->slot_mapping[t];
+      const int64_t block = slot / kv_shape_.block_size, offset = slot % kv_shape_.block_size;
+      for (int32_t kv_head = 0; kv_head < kv_shape_.num_kv_heads; ++kv_head) {
+        const int64_t row = KvRow(block, kv_head, offset);
+        store(k.row(t) + kv_head * head_dim, keys + row);
+        store(v.row(t) + kv_head * head_dim, values + row);
+      }
+    }
+  }
+
+  // Attention of every batch token over its sequence's cached K/V (KvT: float or bf16 bits).
+  // One item per (token, KV head): the group's query heads share every K/V row read.
+  template <class KvT>
+  void AttendOverCache(const AttentionParams& params, Matrix q, Matrix out, const KvT* keys,
+                       const KvT* values) {
+    const int32_t group = params.num_heads / params.num_kv_heads;
+    const int32_t block_size = kv_shape_.block_size;
+    pool_.ParallelFor(q.rows * params.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;  // [group, positions]
+      std::vector<int64_t> rows;  // [positions] offset of each position's K/V head vector
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / params.num_kv_heads;
+        const int32_t kv_head = static_cast<int32_t>(item % params.num_kv_heads);
+        const SequenceChunk& chunk = batch_->sequences[token_sequence_[t]];
+        const int32_t position = batch_->positions[t];
+        const int32_t first =
+            params.sliding_window > 0 ? std::max(0, position - params.sliding_window + 1) : 0;
+        const int64_t n = position - first + 1;
+        rows.resize(n);
+        // Block by block (no division per position).
+        for (int32_t p = first; p <= position;) {
+          const int32_t offset = p % block_size;
+          const int32_t count = std::min(block_size - offset, position + 1 - p);
+          const int64_t row = KvRow(chunk.block_table[p / block_size], kv_head, offset);
+          for (int32_t i = 0; i < count; ++i) rows[p - first + i] = row + i * params.head_dim;
+          p += count;
+        }
+        scores.resize(group * n);
+        const int64_t first_head = int64_t{kv_head} * group;
+        cpu::DotRows(q.row(t) + first_head * params.head_dim, group, keys, rows.data(), n,
+                     params.head_dim, scores.data());
+        for (int32_t h = 0; h < group; ++h)
+          cpu::ScaledSoftmax(scores.data() + h * n, n, params.scale);
+        cpu::WeightedSumRows(scores.data(), group, values, rows.data(), n, params.head_dim,
+                             out.row(t) + first_head * params.head_dim);
+      }
+    });
   }
 
   // Element offset of a position's vector of one KV head in a layer's K or V pool, laid out

@@ -22,18 +22,21 @@ namespace hn = hwy::HWY_NAMESPACE;
 // At most 16 lanes, so that a packed chunk of 32 weights is a whole number of vectors.
 using DF = hn::CappedTag<float, 16>;
 
-// Loads Lanes(df) weights starting at p as float32.
-struct Bf16Weights {
+// Load: Lanes(df) stored values (weights or cached K/V) starting at p, as float32 (bf16 widens
+// exactly); Scalar: one of them.
+struct Bf16Loader {
   using Type = uint16_t;
   static HWY_INLINE hn::Vec<DF> Load(DF df, const uint16_t* p) {
     const hn::Rebind<uint16_t, DF> d16;
     const hn::RebindToUnsigned<DF> d32;
     return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(d32, hn::LoadU(d16, p))));
   }
+  static HWY_INLINE float Scalar(const uint16_t* p) { return Bf16ToFloat(*p); }
 };
-struct F32Weights {
+struct F32Loader {
   using Type = float;
   static HWY_INLINE hn::Vec<DF> Load(DF df, const float* p) { return hn::LoadU(df, p); }
+  static HWY_INLINE float Scalar(const float* p) { return *p; }
 };
 
 #undef MOE_HAVE_SUMS_4X4  // re-decided in each target's pass
@@ -166,37 +169,43 @@ __attribute__((flatten)) void MatMulPacked(const float* x, int64_t x_stride, int
 void MatMulRowsImpl(const float* x, int64_t x_stride, int64_t tokens, const PackedMatrix& weight,
                     int64_t row_begin, int64_t row_end, float* out, int64_t out_stride) {
   if (weight.type() == DType::kBF16) {
-    MatMulPacked<Bf16Weights>(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
+    MatMulPacked<Bf16Loader>(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
   } else {
-    MatMulPacked<F32Weights>(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
+    MatMulPacked<F32Loader>(x, x_stride, tokens, weight, row_begin, row_end, out, out_stride);
   }
 }
 
-// The vector part of DotF32Impl: two accumulators over lane groups, added; *end: where the
-// scalar tail starts.
-HWY_INLINE hn::Vec<DF> DotVector(const float* a, const float* b, int64_t n, int64_t* end) {
+// The vector part of Dot: two accumulators over lane groups, added; *end: where the scalar
+// tail starts.
+template <class Loader>
+HWY_INLINE hn::Vec<DF> DotVector(const float* a, const typename Loader::Type* b, int64_t n,
+                                 int64_t* end) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   hn::Vec<DF> acc0 = hn::Zero(df), acc1 = hn::Zero(df);
   int64_t i = 0;
   for (; i + 2 * lanes <= n; i += 2 * lanes) {
-    acc0 = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), acc0);
-    acc1 = hn::MulAdd(hn::LoadU(df, a + i + lanes), hn::LoadU(df, b + i + lanes), acc1);
+    acc0 = hn::MulAdd(hn::LoadU(df, a + i), Loader::Load(df, b + i), acc0);
+    acc1 = hn::MulAdd(hn::LoadU(df, a + i + lanes), Loader::Load(df, b + i + lanes), acc1);
   }
   for (; i + lanes <= n; i += lanes) {
-    acc0 = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), acc0);
+    acc0 = hn::MulAdd(hn::LoadU(df, a + i), Loader::Load(df, b + i), acc0);
   }
   *end = i;
   return hn::Add(acc0, acc1);
 }
 
-float DotF32Impl(const float* a, const float* b, int64_t n) {
+// dot(a, b) with b widened to float32 first: for bf16 b, the same bits as DotF32 on the widened b.
+template <class Loader>
+HWY_INLINE float Dot(const float* a, const typename Loader::Type* b, int64_t n) {
   int64_t i = 0;
-  const hn::Vec<DF> vector = DotVector(a, b, n, &i);
+  const hn::Vec<DF> vector = DotVector<Loader>(a, b, n, &i);
   float sum = hn::GetLane(hn::SumOfLanes(DF(), vector));
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * Loader::Scalar(b + i);
   return sum;
 }
+
+float DotF32Impl(const float* a, const float* b, int64_t n) { return Dot<F32Loader>(a, b, n); }
 
 void AxpyF32Impl(float alpha, const float* x, float* y, int64_t n) {
   const DF df;
@@ -212,12 +221,14 @@ void AxpyF32Impl(float alpha, const float* x, float* y, int64_t n) {
 // Cached K/V rows are gathered through the block table (contiguous within a block, a jump
 // between blocks): software prefetch this many positions ahead.
 constexpr int64_t kRowPrefetchDistance = 16;
-HWY_INLINE void PrefetchRow(const float* row, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) hwy::Prefetch(row + i);
+template <class T>
+HWY_INLINE void PrefetchRow(const T* row, int64_t count) {
+  for (int64_t i = 0; i < count; i += 64 / sizeof(T)) hwy::Prefetch(row + i);
 }
 
-void DotRowsImpl(const float* q, int64_t heads, const float* keys, const int64_t* rows, int64_t n,
-                 int64_t dim, float* scores) {
+template <class Loader>
+HWY_INLINE void DotRowsT(const float* q, int64_t heads, const typename Loader::Type* keys,
+                         const int64_t* rows, int64_t n, int64_t dim, float* scores) {
   int64_t h0 = 0;
 #if MOE_HAVE_SUMS_4X4
   // 4 heads x 4 positions at a time: each key vector read once for the 4 heads, the 16
@@ -234,14 +245,14 @@ void DotRowsImpl(const float* q, int64_t heads, const float* keys, const int64_t
         int64_t end = 0;
         for (int i = 0; i < 4; ++i) {
           for (int h = 0; h < 4; ++h) {
-            dots[i][h] = DotVector(q + (h0 + h) * dim, keys + rows[p + i], dim, &end);
+            dots[i][h] = DotVector<Loader>(q + (h0 + h) * dim, keys + rows[p + i], dim, &end);
           }
         }
         StoreSums4x4(dots, scores + h0 * n + p, n);
       }
       for (; p < n; ++p) {
         for (int64_t h = h0; h < h0 + 4; ++h) {
-          scores[h * n + p] = DotF32Impl(q + h * dim, keys + rows[p], dim);
+          scores[h * n + p] = Dot<Loader>(q + h * dim, keys + rows[p], dim);
         }
       }
     }
@@ -249,14 +260,23 @@ void DotRowsImpl(const float* q, int64_t heads, const float* keys, const int64_t
 #endif
   for (int64_t h = h0; h < heads; ++h) {
     for (int64_t p = 0; p < n; ++p)
-      scores[h * n + p] = DotF32Impl(q + h * dim, keys + rows[p], dim);
+      scores[h * n + p] = Dot<Loader>(q + h * dim, keys + rows[p], dim);
   }
 }
 
+void DotRowsF32Impl(const float* q, int64_t heads, const float* keys, const int64_t* rows,
+                    int64_t n, int64_t dim, float* scores) {
+  DotRowsT<F32Loader>(q, heads, keys, rows, n, dim, scores);
+}
+void DotRowsBf16Impl(const float* q, int64_t heads, const uint16_t* keys, const int64_t* rows,
+                     int64_t n, int64_t dim, float* scores) {
+  DotRowsT<Bf16Loader>(q, heads, keys, rows, n, dim, scores);
+}
+
 // WeightedSumRows for kHeads heads sharing the rows: each value vector is read once for all.
-template <int kHeads>
-HWY_INLINE void WeightedSumHeads(const float* weights, const float* values, const int64_t* rows,
-                                 int64_t n, int64_t dim, float* out) {
+template <int kHeads, class Loader>
+HWY_INLINE void WeightedSumHeads(const float* weights, const typename Loader::Type* values,
+                                 const int64_t* rows, int64_t n, int64_t dim, float* out) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   constexpr int kVectors = 4;  // a 64-wide head in registers on AVX-512
@@ -270,9 +290,9 @@ HWY_INLINE void WeightedSumHeads(const float* weights, const float* values, cons
       if (p + kRowPrefetchDistance < n) {
         PrefetchRow(values + rows[p + kRowPrefetchDistance] + d, kVectors * lanes);
       }
-      const float* row = values + rows[p] + d;
+      const typename Loader::Type* row = values + rows[p] + d;
       hn::Vec<DF> v[kVectors];
-      for (int j = 0; j < kVectors; ++j) v[j] = hn::LoadU(df, row + j * lanes);
+      for (int j = 0; j < kVectors; ++j) v[j] = Loader::Load(df, row + j * lanes);
       for (int h = 0; h < kHeads; ++h) {
         const hn::Vec<DF> w = hn::Set(df, weights[h * n + p]);
         for (int j = 0; j < kVectors; ++j) acc[h][j] = hn::MulAdd(w, v[j], acc[h][j]);
@@ -287,23 +307,34 @@ HWY_INLINE void WeightedSumHeads(const float* weights, const float* values, cons
     for (int64_t e = d; e + lanes <= dim; e += lanes) {
       hn::Vec<DF> acc = hn::Zero(df);
       for (int64_t p = 0; p < n; ++p) {
-        acc = hn::MulAdd(hn::Set(df, w[p]), hn::LoadU(df, values + rows[p] + e), acc);
+        acc = hn::MulAdd(hn::Set(df, w[p]), Loader::Load(df, values + rows[p] + e), acc);
       }
       hn::StoreU(acc, df, out + h * dim + e);
     }
     for (int64_t e = d + (dim - d) / lanes * lanes; e < dim; ++e) {  // as AxpyF32's scalar tail
       float acc = 0.0f;
-      for (int64_t p = 0; p < n; ++p) acc += w[p] * values[rows[p] + e];
+      for (int64_t p = 0; p < n; ++p) acc += w[p] * Loader::Scalar(values + rows[p] + e);
       out[h * dim + e] = acc;
     }
   }
 }
 
-void WeightedSumRowsImpl(const float* weights, int64_t heads, const float* values,
-                         const int64_t* rows, int64_t n, int64_t dim, float* out) {
+template <class Loader>
+HWY_INLINE void WeightedSumRowsT(const float* weights, int64_t heads,
+                                 const typename Loader::Type* values, const int64_t* rows,
+                                 int64_t n, int64_t dim, float* out) {
   ForEachTileOf4(heads, [&]<int kHeads>(int64_t h, int64_t) HWY_ATTR {
-    WeightedSumHeads<kHeads>(weights + h * n, values, rows, n, dim, out + h * dim);
+    WeightedSumHeads<kHeads, Loader>(weights + h * n, values, rows, n, dim, out + h * dim);
   });
+}
+
+void WeightedSumRowsF32Impl(const float* weights, int64_t heads, const float* values,
+                            const int64_t* rows, int64_t n, int64_t dim, float* out) {
+  WeightedSumRowsT<F32Loader>(weights, heads, values, rows, n, dim, out);
+}
+void WeightedSumRowsBf16Impl(const float* weights, int64_t heads, const uint16_t* values,
+                             const int64_t* rows, int64_t n, int64_t dim, float* out) {
+  WeightedSumRowsT<Bf16Loader>(weights, heads, values, rows, n, dim, out);
 }
 
 void ScaledSoftmaxImpl(float* x, int64_t n, float scale) {
@@ -381,8 +412,10 @@ HWY_EXPORT(MatMulRowsImpl);
 HWY_EXPORT(DotF32Impl);
 HWY_EXPORT(AxpyF32Impl);
 HWY_EXPORT(SiluMulImpl);
-HWY_EXPORT(DotRowsImpl);
-HWY_EXPORT(WeightedSumRowsImpl);
+HWY_EXPORT(DotRowsF32Impl);
+HWY_EXPORT(DotRowsBf16Impl);
+HWY_EXPORT(WeightedSumRowsF32Impl);
+HWY_EXPORT(WeightedSumRowsBf16Impl);
 HWY_EXPORT(ScaledSoftmaxImpl);
 HWY_EXPORT(SelectedTargetImpl);
 
@@ -402,12 +435,22 @@ void AxpyF32(float alpha, const float* x, float* y, int64_t n) {
 
 void DotRows(const float* q, int64_t heads, const float* keys, const int64_t* rows, int64_t n,
              int64_t dim, float* scores) {
-  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(q, heads, keys, rows, n, dim, scores);
+  HWY_DYNAMIC_DISPATCH(DotRowsF32Impl)(q, heads, keys, rows, n, dim, scores);
+}
+
+void DotRows(const float* q, int64_t heads, const uint16_t* keys, const int64_t* rows, int64_t n,
+             int64_t dim, float* scores) {
+  HWY_DYNAMIC_DISPATCH(DotRowsBf16Impl)(q, heads, keys, rows, n, dim, scores);
 }
 
 void WeightedSumRows(const float* weights, int64_t heads, const float* values, const int64_t* rows,
                      int64_t n, int64_t dim, float* out) {
-  HWY_DYNAMIC_DISPATCH(WeightedSumRowsImpl)(weights, heads, values, rows, n, dim, out);
+  HWY_DYNAMIC_DISPATCH(WeightedSumRowsF32Impl)(weights, heads, values, rows, n, dim, out);
+}
+
+void WeightedSumRows(const float* weights, int64_t heads, const uint16_t* values,
+                     const int64_t* rows, int64_t n, int64_t dim, float* out) {
+  HWY_DYNAMIC_DISPATCH(WeightedSumRowsBf16Impl)(weights, heads, values, rows, n, dim, out);
 }
 
 void ScaledSoftmax(float* x, int64_t n, float scale) {

@@ -65,6 +65,12 @@ void DotRows(const float* q, int64_t heads, const float* keys, const int64_t* ro
 // bits as AxpyF32 into a zeroed row once per position, with the accumulators in registers.
 void WeightedSumRows(const float* weights, int64_t heads, const float* values, const int64_t* rows,
                      int64_t n, int64_t dim, float* out);
+// The same two for a bf16 KV cache: bit for bit the float overloads on the rows widened to
+// float32 (bf16 -> float32 is exact).
+void DotRows(const float* q, int64_t heads, const uint16_t* keys, const int64_t* rows, int64_t n,
+             int64_t dim, float* scores);
+void WeightedSumRows(const float* weights, int64_t heads, const uint16_t* values,
+                     const int64_t* rows, int64_t n, int64_t dim, float* out);
 // x = softmax(x * scale) in place (max subtracted; vectorised exp, within 2 ulp of std::exp).
 void ScaledSoftmax(float* x, int64_t n, float scale);
 // out[i] = silu(gate[i]) * up[i] (SwiGLU), vectorised exp (within 2 ulp of std::exp); out may

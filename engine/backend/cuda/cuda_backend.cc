@@ -130,6 +130,11 @@ class CudaBackend final : public Backend {
       return absl::InvalidArgumentError(absl::StrCat("cuda: head_dim ", shape.head_dim,
                                                      " outside (0, ", kAttentionMaxHeadDim, "]"));
     }
+    if (shape.dtype != DType::kF32) {  // the paged-attention kernels read float32 K/V
+      return absl::UnimplementedError(absl::StrCat("cuda: KV cache type ", DTypeName(shape.dtype),
+                                                   " is not supported by the CUDA backend; ",
+                                                   "supported: ", DTypeName(DType::kF32)));
+    }
     keys_.clear();
     values_.clear();
     kv_pool_ = DeviceBuffer();
