@@ -70,8 +70,13 @@ std::string MetricsService::Render() {
 
 HooksFactory MetricsService::MakeHooksFactory() {
   return [this](const LoadedModel& model) {
-    ModelDescription description{model_name_, *model.config, *model.parameters, model.info->dtype(),
-                                 model.info->backend()};
+    ModelDescription description{model_name_,
+                                 *model.config,
+                                 *model.parameters,
+                                 model.info->dtype(),
+                                 model.info->backend(),
+                                 model.info->kv_cache_dtype(),
+                                 model.info->kv_capacity_tokens()};
     auto metrics =
         std::make_shared<ServingMetrics>(description, model.expert_stats, expert_metrics_);
     {

@@ -154,8 +154,11 @@ ServingMetrics::ServingMetrics(const ModelDescription& model,
             {"top_k", std::to_string(config_.top_k)},
             {"shared_experts", config_.shared_expert_intermediate_size > 0 ? "1" : "0"},
             {"dtype", model.dtype},
-            {"backend", model.backend}})
+            {"backend", model.backend},
+            {"kv_cache_dtype", model.kv_cache_dtype}})
       .Set(1);
+  gauge("kv_cache_capacity_tokens", "Tokens the paged KV cache holds (all blocks).")
+      ->Set(static_cast<double>(model.kv_capacity_tokens));
   auto& parameters = prometheus::BuildGauge()
                          .Name("moeserve_model_parameters")
                          .Help("Parameters of the loaded model, counted from its tensors.")

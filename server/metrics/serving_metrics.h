@@ -30,8 +30,10 @@ struct ModelDescription {
   std::string name;  // the `model` label
   ModelConfig config;
   ParameterCounts parameters;
-  std::string dtype;    // e.g. "bf16"
-  std::string backend;  // e.g. "cpu"
+  std::string dtype;                   // e.g. "bf16"
+  std::string backend;                 // e.g. "cpu"
+  std::string kv_cache_dtype = "f32";  // "f32" or "bf16"
+  int64_t kv_capacity_tokens = 0;      // tokens the paged KV pool holds
 };
 
 enum class ExpertMetrics { kDefault, kFull };  // kFull adds the [layer, expert] counter matrix

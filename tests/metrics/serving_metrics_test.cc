@@ -49,7 +49,7 @@ double Sample(const std::string& text, const std::string& name, const std::strin
 ModelDescription Describe(const std::string& model) {
   auto loaded = LoadModel(moe::testing::ModelDir(model));
   EXPECT_TRUE(loaded.ok()) << loaded.status();
-  return {model, (*loaded)->config, (*loaded)->weights.parameters, "bf16", "cpu"};
+  return {model, (*loaded)->config, (*loaded)->weights.parameters, "bf16", "cpu", "bf16", 4096};
 }
 
 class ServingMetricsTest : public ::testing::TestWithParam<std::string> {};
@@ -178,6 +178,8 @@ TEST_P(ServingMetricsTest, ParameterGaugesEqualIndependentCount) {
                    absl::StrCat("moe_layers=\"", config.num_moe_layers(), "\",top_k=\"",
                                 config.top_k, "\"")),
             1);
+  EXPECT_EQ(Sample(text, "moeserve_model_info", "kv_cache_dtype=\"bf16\""), 1);
+  EXPECT_EQ(Sample(text, "moeserve_kv_cache_capacity_tokens", ""), 4096);
   // The full matrix is opt-in.
   EXPECT_FALSE(absl::StrContains(text, "moeserve_moe_expert_routed_tokens_total"));
 }
