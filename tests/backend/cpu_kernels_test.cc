@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "engine/ops/offline_batch.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "hwy/targets.h"
 
 namespace moe {
 namespace {
@@ -258,6 +260,54 @@ TEST(AttentionKernelsTest, GroupedRowKernelsEqualDotAndAxpyBitForBit) {
       ASSERT_NE(widened, base);  // the rounding happened
     }
   }
+}
+
+// The kernels on every instruction set this build dispatches to that the machine has (AVX-512,
+// AVX2, SSE4, SSSE3, scalar): each target's own shuffles and lane counts, the same contracts.
+TEST(KernelTargetsTest, EveryTargetIsAccurateAndKeepsItsBitIdentities) {
+  const Problem p = MakeProblem(13, 2085, 10, 5);  // 4 token tiles, 3 k segments, a tail
+  const std::vector<double> ref = Reference(p, p.x);
+  const cpu::PackedMatrix bf16 = Pack(p, DType::kBF16), f32 = Pack(p, DType::kF32);
+  // Attention over a bf16 KV cache: 5 heads of dim 72 (a 4-head block, a remainder, a tail).
+  const int64_t heads = 5, dim = 72, n = 37;
+  std::vector<uint16_t> kv(n * dim);
+  std::vector<float> widened(n * dim), q(heads * dim), weights(heads * n);
+  std::vector<int64_t> rows(n);
+  for (int64_t i = 0; i < n * dim; ++i) widened[i] = Bf16ToFloat(kv[i] = p.w[i]);
+  for (int64_t i = 0; i < heads * dim; ++i) q[i] = p.x[i];
+  for (int64_t i = 0; i < heads * n; ++i) weights[i] = p.x[heads * dim + i];
+  for (int64_t i = 0; i < n; ++i) rows[i] = (i * 11) % n * dim;
+  const std::vector<int64_t> targets = hwy::SupportedAndGeneratedTargets();
+  ASSERT_GE(targets.size(), 2u);
+  for (int64_t target : targets) {
+    hwy::SetSupportedTargetsForTest(target);
+    ASSERT_STREQ(cpu::SelectedTarget(), hwy::TargetName(target));
+    const std::vector<float> all = RunFp32(p, bf16, 0, p.tokens);
+    for (int64_t i = 0; i < p.tokens * p.rows; ++i) {
+      ASSERT_NEAR(all[i], ref[i], 1e-5 * std::sqrt(double(p.in))) << hwy::TargetName(target);
+    }
+    EXPECT_EQ(RunFp32(p, f32, 0, p.tokens), all) << hwy::TargetName(target);
+    for (int64_t t = 0; t < p.tokens; ++t) {
+      const std::vector<float> one = RunFp32(p, bf16, t, 1);
+      ASSERT_TRUE(std::equal(one.begin(), one.end(), all.begin() + t * p.rows))
+          << hwy::TargetName(target) << " token " << t;
+    }
+    std::vector<float> scores(heads * n), widened_scores(heads * n);
+    std::vector<float> sums(heads * dim), widened_sums(heads * dim);
+    cpu::DotRows(q.data(), heads, kv.data(), rows.data(), n, dim, scores.data());
+    cpu::DotRows(q.data(), heads, widened.data(), rows.data(), n, dim, widened_scores.data());
+    cpu::WeightedSumRows(weights.data(), heads, kv.data(), rows.data(), n, dim, sums.data());
+    cpu::WeightedSumRows(weights.data(), heads, widened.data(), rows.data(), n, dim,
+                         widened_sums.data());
+    EXPECT_EQ(scores, widened_scores) << hwy::TargetName(target);
+    EXPECT_EQ(sums, widened_sums) << hwy::TargetName(target);
+    EXPECT_NEAR(scores[3 * n + 5],
+                std::inner_product(q.begin() + 3 * dim, q.begin() + 4 * dim,
+                                   widened.begin() + rows[5], 0.0),
+                1e-4)
+        << hwy::TargetName(target);
+  }
+  hwy::SetSupportedTargetsForTest(0);  // back to what the machine has
 }
 
 TEST(AttentionKernelsTest, ScaledSoftmaxMatchesDoublePrecision) {
