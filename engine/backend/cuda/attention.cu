@@ -102,6 +102,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Attention
       const float probability = valid ? expf(score - new_max) : 0.0f;
       const float chunk_sum = WarpSum(probability);
       p_s[r * kKeys + lane] = probability;
+      __syncwarp();  // every lane has read m_s[r] before lane 0 writes it
       if (lane == 0) {
         const float alpha =
             any && old_max != -FLT_MAX ? expf(old_max - new_max) : (any ? 0.0f : 1.0f);

@@ -371,11 +371,13 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<const float*> InverseFrequencies(int32_t head_dim, double theta);
 
-  // out = x * W^T (+ bias), W: [out.cols, x.cols] of `type`.
-  absl::Status MatMul(Matrix x, const void* w, WeightType type, const float* bias, Matrix out);
+  // out = x * W^T (+ bias), W: [out.cols, x.cols] of `type`. `exact`: fp32 activations even
+  // with bf16_activations (the router: expert choices are discrete, as on the CPU backend).
+  absl::Status MatMul(Matrix x, const void* w, WeightType type, const float* bias, Matrix out,
+                      bool exact = false);
 
-  // bf16 hi (and lo) copies of x in scratch.
-  absl::Status SplitActivations(const Matrix& x);
+  // bf16 hi (and, unless hi_only, lo) copies of x in scratch.
+  absl::Status SplitActivations(const Matrix& x, bool hi_only);
 
   CudaBackendOptions options_;
   cudaDeviceProp properties_;
@@ -636,6 +638,12 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
   for (const SequenceChunk& chunk : batch.sequences) {
     max_context = std::max(max_context, chunk.context_len);
   }
+  if (!pending_stats_.empty()) {
+    // The previous step failed before its Synchronize: its statistics pointed into its own
+    // (gone) output, and an expert-id error it flagged was its own, not this step's.
+    pending_stats_.clear();
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_flag_.data(), 0, sizeof(int32_t), stream_.get()));
+  }
 
   // Mark the end of the previous step's work, switch to the other uploader and wait until the
   // step that last used it (two steps ago) is done with its metadata.
@@ -724,17 +732,16 @@ absl::StatusOr<const float*> CudaBackend::InverseFrequencies(int32_t head_dim, d
 
 // ---- matrix products -------------------------------------------------------------------------
 
-absl::Status CudaBackend::SplitActivations(const Matrix& x) {
+absl::Status CudaBackend::SplitActivations(const Matrix& x, bool hi_only) {
   const size_t bytes = static_cast<size_t>(x.rows * x.cols) * sizeof(uint16_t);
   RETURN_IF_ERROR(split_hi_.Ensure(bytes, stream_.get()));
-  if (!options_.bf16_activations) RETURN_IF_ERROR(split_lo_.Ensure(bytes, stream_.get()));
+  if (!hi_only) RETURN_IF_ERROR(split_lo_.Ensure(bytes, stream_.get()));
   return Launched(LaunchSplitBf16(x.data, x.stride, x.rows, x.cols, split_hi_.as<uint16_t>(),
-                                  options_.bf16_activations ? nullptr : split_lo_.as<uint16_t>(),
-                                  stream_.get()));
+                                  hi_only ? nullptr : split_lo_.as<uint16_t>(), stream_.get()));
 }
 
 absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const float* bias,
-                                 Matrix out) {
+                                 Matrix out, bool exact) {
   const int64_t m = x.rows, n = out.cols, k = x.cols;
   if (m == 0 || n == 0) return absl::OkStatus();
   if (m <= options_.gemv_max_rows) {
@@ -763,12 +770,13 @@ absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const
                                        static_cast<const float*>(w), k, x.data, x.stride, &zero,
                                        out.data, out.stride));
   } else {
-    RETURN_IF_ERROR(SplitActivations(x));
+    const bool hi_only = options_.bf16_activations && !exact;
+    RETURN_IF_ERROR(SplitActivations(x, hi_only));
     CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w,
                                         CUDA_R_16BF, k, split_hi_.data(), CUDA_R_16BF, k, &zero,
                                         out.data, CUDA_R_32F, out.stride, CUBLAS_COMPUTE_32F,
                                         CUBLAS_GEMM_DEFAULT));
-    if (!options_.bf16_activations) {
+    if (!hi_only) {
       CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w,
                                           CUDA_R_16BF, k, split_lo_.data(), CUDA_R_16BF, k, &one,
                                           out.data, CUDA_R_32F, out.stride, CUBLAS_COMPUTE_32F,
@@ -839,7 +847,7 @@ absl::Status CudaBackend::Route(Matrix x, const TensorView& router, int32_t top_
   if (static_cast<int>(pending_stats_.size()) >= kMaxPendingStats) RETURN_IF_ERROR(Synchronize());
   RETURN_IF_ERROR(router_logits_.Ensure(x.rows * experts * sizeof(float), stream_.get()));
   const Matrix logits = Matrix::Dense(router_logits_.as<float>(), x.rows, experts);
-  RETURN_IF_ERROR(MatMul(x, w.data, w.type, nullptr, logits));
+  RETURN_IF_ERROR(MatMul(x, w.data, w.type, nullptr, logits, /*exact=*/true));
 
   const int slot = static_cast<int>(pending_stats_.size());
   double* device_stats = stats_device_.as<double>() + slot * stats_stride_;

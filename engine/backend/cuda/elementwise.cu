@@ -197,10 +197,13 @@ __global__ void RouteKernel(const float* logits, int64_t rows, int32_t experts, 
           best_id = other_id;
         }
       }
+      __syncwarp();  // every lane has read probabilities[] before lane 0 writes it
       if (lane == 0) {
         ids[t * top_k + j] = best_id;
         weights[t * top_k + j] = best;
-        probabilities[best_id] = -1.0f;
+        // NaN logits make every comparison false: best_id stays `experts` (past this warp's
+        // row); the sort's error flag then reports the id.
+        if (best_id < experts) probabilities[best_id] = -1.0f;
         chosen_total += best;
       }
       __syncwarp();
