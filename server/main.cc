@@ -63,8 +63,8 @@ ABSL_FLAG(int64_t, kv_cache_mib, 256,
           "Memory budget of the paged KV cache, MiB. Env: MOE_KV_CACHE_MIB.");
 ABSL_FLAG(std::string, kv_cache_dtype, "f32",
           "What the KV cache stores: f32 (exact) or bf16 (twice the tokens in the same "
-          "--kv_cache_mib and half the bytes attention reads; K/V rounded to bf16; CPU "
-          "backend only). Env: MOE_KV_CACHE_DTYPE.");
+          "--kv_cache_mib and half the bytes attention reads; K/V rounded to bf16). "
+          "Env: MOE_KV_CACHE_DTYPE.");
 ABSL_FLAG(int32_t, kv_block_size, 16, "Tokens per KV cache block. Env: MOE_KV_BLOCK_SIZE.");
 ABSL_FLAG(int32_t, max_num_seqs, 64,
           "Batching: sequences running at once at most. Env: MOE_MAX_NUM_SEQS.");

@@ -37,7 +37,7 @@ struct ServerOptions {
   int32_t kv_block_size = 16;
   int32_t num_threads = 0;               // CPU backend threads; 0 = all cores
   bool cpu_bf16_activations = false;     // CPU backend: bf16 activations (lower precision)
-  DType kv_cache_dtype = DType::kF32;    // what the KV cache stores (bf16: CPU backend only)
+  DType kv_cache_dtype = DType::kF32;    // what the KV cache stores: kF32 or kBF16
   int32_t max_num_seqs = 64;             // running sequences at most
   int32_t max_num_batched_tokens = 512;  // tokens per engine step at most
   bool enable_chunked_prefill = true;

@@ -19,7 +19,7 @@ struct ModelRunnerOptions {
   std::string backend = "cpu";          // "cpu" (the CUDA backend registers "cuda")
   int64_t kv_cache_bytes = 64ll << 20;  // memory budget for the paged KV pool
   // What the KV cache stores: kF32 (exact) or kBF16 (twice the tokens in the same budget and
-  // half the bytes attention reads; the CPU backend only). See KvCacheShape::dtype.
+  // half the bytes attention reads). See KvCacheShape::dtype.
   DType kv_cache_dtype = DType::kF32;
   int32_t block_size = 16;  // tokens per KV block
   int32_t num_threads = 0;  // CPU worker threads; 0 = hardware concurrency

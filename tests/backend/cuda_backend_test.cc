@@ -197,13 +197,14 @@ class CudaBackendTest : public testing::TestWithParam<Mode> {
     wide.dense_mlp = factory_.Mlp("f16_dense", DType::kF16, kDenseFfn);
   }
 
-  void AllocateKv(int32_t heads, int32_t kv_heads, int32_t head_dim) {
+  void AllocateKv(int32_t heads, int32_t kv_heads, int32_t head_dim, DType kv_dtype = DType::kF32) {
     heads_ = heads;
     kv_shape_ = KvCacheShape{.num_layers = 2,
                              .num_blocks = kNumBlocks,
                              .block_size = kBlockSize,
                              .num_kv_heads = kv_heads,
-                             .head_dim = head_dim};
+                             .head_dim = head_dim,
+                             .dtype = kv_dtype};
     for (Backend* backend : {cpu_.get(), cuda_.get()}) {
       ASSERT_TRUE(backend->AllocateKvCache(kv_shape_).ok());
     }
@@ -502,10 +503,15 @@ struct AttentionShape {
   int32_t heads, kv_heads, head_dim;
 };
 
+// Over an f32 and a bf16 KV cache (both backends round K/V to nearest even: the same cached
+// values, so the same tolerance).
 TEST_P(CudaBackendTest, Attention) {
-  for (const AttentionShape shape :
-       {AttentionShape{8, 2, 32}, AttentionShape{4, 4, 16}, AttentionShape{40, 1, 64}}) {
-    AllocateKv(shape.heads, shape.kv_heads, shape.head_dim);
+  for (const auto& [shape, kv_dtype] : {std::pair{AttentionShape{8, 2, 32}, DType::kF32},
+                                       std::pair{AttentionShape{4, 4, 16}, DType::kF32},
+                                       std::pair{AttentionShape{40, 1, 64}, DType::kF32},
+                                       std::pair{AttentionShape{8, 2, 32}, DType::kBF16},
+                                       std::pair{AttentionShape{40, 1, 64}, DType::kBF16}}) {
+    AllocateKv(shape.heads, shape.kv_heads, shape.head_dim, kv_dtype);
     const int64_t q_dim = int64_t{shape.heads} * shape.head_dim;
     const int64_t kv_dim = int64_t{shape.kv_heads} * shape.head_dim;
     for (int32_t window : {0, 50}) {
@@ -534,8 +540,9 @@ TEST_P(CudaBackendTest, Attention) {
           if (!status.ok()) return status;
           return b.Attention(params, q.on(gpu), out.on(gpu));
         });
-        EXPECT_LE(Error(out), 1e-5) << shape.heads << "/" << shape.kv_heads << "x" << shape.head_dim
-                                    << " window " << window << ", " << tokens << " tokens";
+        EXPECT_LE(Error(out), 1e-5)
+            << shape.heads << "/" << shape.kv_heads << "x" << shape.head_dim << " window " << window
+            << ", " << tokens << " tokens, KV " << DTypeName(kv_dtype);
       }
     }
   }

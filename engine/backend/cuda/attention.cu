@@ -73,8 +73,13 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Attention
         const int64_t slot =
             int64_t{block_table[p / args.block_size]} * args.block_size + p % args.block_size;
         const int64_t offset = slot * kv_dim + int64_t{kv_head} * d_size + d;
-        key = args.key_pool[offset];
-        value = args.value_pool[offset];
+        if (args.bf16_kv) {
+          key = LoadWeight(static_cast<const uint16_t*>(args.key_pool), offset);
+          value = LoadWeight(static_cast<const uint16_t*>(args.value_pool), offset);
+        } else {
+          key = LoadWeight(static_cast<const float*>(args.key_pool), offset);
+          value = LoadWeight(static_cast<const float*>(args.value_pool), offset);
+        }
       }
       k_s[j * (d_size + 1) + d] = key;
       v_s[j * d_size + d] = value;

@@ -130,21 +130,21 @@ class CudaBackend final : public Backend {
       return absl::InvalidArgumentError(absl::StrCat("cuda: head_dim ", shape.head_dim,
                                                      " outside (0, ", kAttentionMaxHeadDim, "]"));
     }
-    if (shape.dtype != DType::kF32) {  // the paged-attention kernels read float32 K/V
-      return absl::UnimplementedError(absl::StrCat("cuda: KV cache type ", DTypeName(shape.dtype),
-                                                   " is not supported by the CUDA backend; ",
-                                                   "supported: ", DTypeName(DType::kF32)));
+    if (shape.dtype != DType::kF32 && shape.dtype != DType::kBF16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda: KV cache type ", DTypeName(shape.dtype), " is not supported; ",
+                       "supported: ", DTypeName(DType::kF32), ", ", DTypeName(DType::kBF16)));
     }
     keys_.clear();
     values_.clear();
     kv_pool_ = DeviceBuffer();
-    const size_t layer_bytes = AlignUp(shape.layer_elements() * sizeof(float));
+    const size_t layer_bytes = AlignUp(shape.layer_elements() * DTypeSize(shape.dtype));
     ASSIGN_OR_RETURN(kv_pool_,
                      AllocateOrExhausted(2 * layer_bytes * shape.num_layers, "the KV cache"));
     auto* base = static_cast<char*>(kv_pool_.data());
     for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
-      keys_.push_back(reinterpret_cast<float*>(base + (2 * layer) * layer_bytes));
-      values_.push_back(reinterpret_cast<float*>(base + (2 * layer + 1) * layer_bytes));
+      keys_.push_back(base + (2 * layer) * layer_bytes);
+      values_.push_back(base + (2 * layer + 1) * layer_bytes);
     }
     kv_shape_ = shape;
     if (shape.head_dim > attention_configured_head_dim_) {
@@ -247,7 +247,8 @@ class CudaBackend final : public Backend {
                                                      "] vs kv_dim ", kv_dim));
     }
     return Launched(LaunchWriteKv(k.data, k.stride, v.data, v.stride, k.rows, kv_dim, step_.slots,
-                                  keys_[layer], values_[layer], stream_.get()));
+                                  keys_[layer], values_[layer], kv_shape_.dtype == DType::kBF16,
+                                  stream_.get()));
   }
 
   absl::Status Attention(const AttentionParams& params, Matrix q, Matrix out) override;
@@ -396,7 +397,7 @@ class CudaBackend final : public Backend {
   // KV pool: [layers][K, V][blocks, block_size, kv_heads, head_dim].
   KvCacheShape kv_shape_;
   DeviceBuffer kv_pool_;
-  std::vector<float*> keys_, values_;
+  std::vector<void*> keys_, values_;  // per layer: float or bf16 bits (kv_shape_.dtype)
   int32_t attention_configured_head_dim_ = 0;
 
   // Step.
@@ -1055,6 +1056,7 @@ absl::Status CudaBackend::Attention(const AttentionParams& params, Matrix q, Mat
   args.out_stride = out.stride;
   args.key_pool = keys_[params.layer];
   args.value_pool = values_[params.layer];
+  args.bf16_kv = kv_shape_.dtype == DType::kBF16;
   args.tiles = step_.tiles;
   args.num_tiles = step_.num_tiles;
   args.positions = step_.positions;

@@ -66,13 +66,19 @@ __global__ void RopeKernel(float* x, int64_t stride, int64_t rows, int32_t heads
   h[i + half] = second * cos_angle + first * sin_angle;
 }
 
+__device__ __forceinline__ void StoreKv(float value, float* to) { *to = value; }
+__device__ __forceinline__ void StoreKv(float value, uint16_t* to) {
+  *to = __bfloat16_as_ushort(__float2bfloat16_rn(value));  // as the CPU backend's FloatToBf16
+}
+
+template <typename T>
 __global__ void WriteKvKernel(const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-                              int64_t rows, int64_t kv_dim, const int32_t* slots, float* key_pool,
-                              float* value_pool) {
+                              int64_t rows, int64_t kv_dim, const int32_t* slots, T* key_pool,
+                              T* value_pool) {
   MOE_FOR_EACH_ROW_COL(rows, kv_dim) {
     const int64_t slot = slots[r];
-    key_pool[slot * kv_dim + c] = k[r * k_stride + c];
-    value_pool[slot * kv_dim + c] = v[r * v_stride + c];
+    StoreKv(k[r * k_stride + c], key_pool + slot * kv_dim + c);
+    StoreKv(v[r * v_stride + c], value_pool + slot * kv_dim + c);
   }
 }
 
@@ -251,11 +257,18 @@ cudaError_t LaunchRope(float* x, int64_t stride, int64_t rows, int32_t heads, in
 }
 
 cudaError_t LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-                          int64_t rows, int64_t kv_dim, const int32_t* slots, float* key_pool,
-                          float* value_pool, cudaStream_t stream) {
+                          int64_t rows, int64_t kv_dim, const int32_t* slots, void* key_pool,
+                          void* value_pool, bool bf16_pools, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  WriteKvKernel<<<RowGrid(rows, kv_dim), kThreads, 0, stream>>>(
-      k, k_stride, v, v_stride, rows, kv_dim, slots, key_pool, value_pool);
+  if (bf16_pools) {
+    WriteKvKernel<<<RowGrid(rows, kv_dim), kThreads, 0, stream>>>(
+        k, k_stride, v, v_stride, rows, kv_dim, slots, static_cast<uint16_t*>(key_pool),
+        static_cast<uint16_t*>(value_pool));
+  } else {
+    WriteKvKernel<<<RowGrid(rows, kv_dim), kThreads, 0, stream>>>(
+        k, k_stride, v, v_stride, rows, kv_dim, slots, static_cast<float*>(key_pool),
+        static_cast<float*>(value_pool));
+  }
   return cudaGetLastError();
 }
 

@@ -28,9 +28,10 @@ cudaError_t LaunchRmsNorm(const float* x, int64_t x_stride, int64_t rows, int64_
 cudaError_t LaunchRope(float* x, int64_t stride, int64_t rows, int32_t heads, int32_t head_dim,
                        const int32_t* positions, const float* inv_freq, cudaStream_t stream);
 // pool[slots[t]] = k[t], v[t]; pools: [slots, kv_dim]
+// Pools of float, or of bf16 bits (bf16_pools: each value rounded to nearest even).
 cudaError_t LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-                          int64_t rows, int64_t kv_dim, const int32_t* slots, float* key_pool,
-                          float* value_pool, cudaStream_t stream);
+                          int64_t rows, int64_t kv_dim, const int32_t* slots, void* key_pool,
+                          void* value_pool, bool bf16_pools, cudaStream_t stream);
 cudaError_t LaunchClamp(float* x, int64_t stride, int64_t rows, int64_t cols, float limit,
                         cudaStream_t stream);
 cudaError_t LaunchFill(float* x, int64_t stride, int64_t rows, int64_t cols, float value,
@@ -175,8 +176,9 @@ struct AttentionArgs {
   int64_t q_stride = 0;
   float* out = nullptr;
   int64_t out_stride = 0;
-  const float* key_pool = nullptr;    // [blocks * block_size, kv_heads * head_dim]
-  const float* value_pool = nullptr;  // same
+  const void* key_pool = nullptr;    // [blocks * block_size, kv_heads * head_dim]
+  const void* value_pool = nullptr;  // same
+  bool bf16_kv = false;              // pools of bf16 bits, not float
   const AttentionTile* tiles = nullptr;
   int32_t num_tiles = 0;
   const int32_t* positions = nullptr;            // [tokens]
