@@ -40,6 +40,7 @@ ABSL_FLAG(std::string, batches, "1,8,64", "decode batch sizes");
 ABSL_FLAG(int32_t, context, 512, "prompt tokens per sequence before decoding");
 ABSL_FLAG(int32_t, steps, 32, "timed decode steps per batch size");
 ABSL_FLAG(int32_t, prefill_tokens, 2048, "tokens of the timed prefill");
+ABSL_FLAG(std::string, kv_cache_dtype, "f32", "what the KV cache stores: f32 or bf16");
 
 namespace moe {
 namespace {
@@ -179,9 +180,14 @@ int Main() {
   ModelRunnerOptions options;
   options.model_dir = dir;
   options.backend = "cuda";
+  const absl::StatusOr<DType> kv_cache_dtype =
+      ParseKvCacheDType(absl::GetFlag(FLAGS_kv_cache_dtype));
+  BENCH_CHECK(kv_cache_dtype.status());
+  options.kv_cache_dtype = *kv_cache_dtype;
   const int64_t tokens_in_cache = int64_t{max_batch} * (context + steps + 16) + prefill_tokens + 64;
-  const int64_t kv_bytes_per_token =
-      int64_t{2} * spec.num_layers * spec.num_kv_heads * (spec.hidden_size / spec.num_heads) * 4;
+  const int64_t kv_bytes_per_token = int64_t{2} * spec.num_layers * spec.num_kv_heads *
+                                     (spec.hidden_size / spec.num_heads) *
+                                     DTypeSize(options.kv_cache_dtype);
   options.kv_cache_bytes = tokens_in_cache * kv_bytes_per_token * 5 / 4;
   auto created = ModelRunner::Create(options);
   BENCH_CHECK(created.status());
