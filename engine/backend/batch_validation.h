@@ -1,5 +1,6 @@
-// Checks a ForwardBatch against the KV pool before any backend touches memory with it; shared
-// by every backend so that a malformed batch is an error, never an out-of-bounds access.
+// Checks a ForwardBatch against the KV pool before any backend touches memory with it, and the
+// pool's element type; shared by every backend so that a malformed batch is an error, never an
+// out-of-bounds access.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +12,14 @@
 #include "engine/ops/batch.h"
 
 namespace moe {
+
+// The KV element types every backend stores: F32 and BF16. `backend` prefixes the message.
+inline absl::Status ValidateKvCacheDType(const KvCacheShape& shape, const char* backend) {
+  if (shape.dtype == DType::kF32 || shape.dtype == DType::kBF16) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(backend, ": KV cache type ", DTypeName(shape.dtype), " is not supported; ",
+                   "supported: ", DTypeName(DType::kF32), ", ", DTypeName(DType::kBF16)));
+}
 
 // Sizes agree, every sequence's token range, positions and block table fit, every token
 // belongs to exactly one sequence and every KV slot and block id is inside the pool. Fills

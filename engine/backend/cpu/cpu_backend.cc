@@ -109,11 +109,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status AllocateKvCache(const KvCacheShape& shape) override {
-    if (shape.dtype != DType::kF32 && shape.dtype != DType::kBF16) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cpu: KV cache type ", DTypeName(shape.dtype), " is not supported; ",
-                       "supported: ", DTypeName(DType::kF32), ", ", DTypeName(DType::kBF16)));
-    }
+    RETURN_IF_ERROR(ValidateKvCacheDType(shape, "cpu"));
     kv_shape_ = shape;
     const size_t layer_bytes = shape.layer_elements() * DTypeSize(shape.dtype);
     keys_.clear();

@@ -130,11 +130,7 @@ class CudaBackend final : public Backend {
       return absl::InvalidArgumentError(absl::StrCat("cuda: head_dim ", shape.head_dim,
                                                      " outside (0, ", kAttentionMaxHeadDim, "]"));
     }
-    if (shape.dtype != DType::kF32 && shape.dtype != DType::kBF16) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cuda: KV cache type ", DTypeName(shape.dtype), " is not supported; ",
-                       "supported: ", DTypeName(DType::kF32), ", ", DTypeName(DType::kBF16)));
-    }
+    RETURN_IF_ERROR(ValidateKvCacheDType(shape, "cuda"));
     keys_.clear();
     values_.clear();
     kv_pool_ = DeviceBuffer();
