@@ -8,7 +8,9 @@
 //     distinct experts touched (counted from the step's routing) x expert bytes + KV read,
 //     divided by the measured copy bandwidth;
 //   - prefill tokens/s of one --prefill_tokens prompt and its fraction of the GEMM peak
-//     (2 x active parameters x tokens + attention FLOPs).
+//     (2 x active parameters x tokens + attention FLOPs);
+//   - the decode rows again with CUDA graphs off, and the graphs' speed-up at each batch size
+//     (--compare_without_graphs).
 // The checkpoint is written once to --dir (Mixtral layout; OLMoE-like shapes by default, with
 // --layers of them). Prints a table last.
 #include <cublas_v2.h>
@@ -26,6 +28,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "engine/model/synthetic_model.h"
 #include "engine/ops/model_runner.h"
@@ -41,6 +44,8 @@ ABSL_FLAG(int32_t, context, 512, "prompt tokens per sequence before decoding");
 ABSL_FLAG(int32_t, steps, 32, "timed decode steps per batch size");
 ABSL_FLAG(int32_t, prefill_tokens, 2048, "tokens of the timed prefill");
 ABSL_FLAG(std::string, kv_cache_dtype, "f32", "what the KV cache stores: f32 or bf16");
+ABSL_FLAG(bool, compare_without_graphs, true,
+          "also time the decode steps with CUDA graphs off (MOE_CUDA_GRAPH_MAX_TOKENS=0)");
 
 namespace moe {
 namespace {
@@ -137,6 +142,70 @@ struct Row {
   std::string note;
 };
 
+// What a decode step reads, for the memory roofline.
+struct StepBytes {
+  double dense = 0;         // non-expert weights (embedding table excluded)
+  double expert = 0;        // one routed expert
+  double kv_per_token = 0;  // K and V of one cached token, all layers
+};
+
+// Decode tokens/s at each batch size after a prefill of `context` tokens per sequence, and the
+// fraction of the memory roofline at `bandwidth`.
+std::vector<Row> MeasureDecode(ModelRunner& runner, const std::vector<int32_t>& batches,
+                               int32_t context, int32_t steps, double bandwidth,
+                               const StepBytes& read, const std::string& label) {
+  const ModelConfig& config = runner.config();
+  std::vector<Row> rows;
+  for (int32_t batch_size : batches) {
+    OfflineBatcher batcher(runner.block_size(), runner.num_blocks());
+    std::vector<std::vector<int32_t>> next(batch_size);
+    for (int32_t s = 0; s < batch_size; ++s) {
+      BENCH_CHECK(batcher.AddSequence(context + steps + 1).status());
+    }
+    // Prefill (untimed), a few sequences per step.
+    for (int32_t s = 0; s < batch_size; s += 4) {
+      ForwardBatch batch;
+      for (int32_t t = s; t < std::min(batch_size, s + 4); ++t) {
+        std::vector<int32_t> prompt(context);
+        for (int32_t i = 0; i < context; ++i)
+          prompt[i] = (i * 7919 + t * 104729) % config.vocab_size;
+        BENCH_CHECK(batcher.Append(batch, t, prompt, true));
+      }
+      auto output = runner.Forward(batch);
+      BENCH_CHECK(output.status());
+      for (int32_t t = s; t < std::min(batch_size, s + 4); ++t) {
+        next[t] = {ArgMax(std::span<const float>(output->logits)
+                              .subspan((t - s) * config.vocab_size, config.vocab_size))};
+      }
+    }
+    double seconds = 0, bytes = 0;
+    for (int32_t step = 0; step < steps; ++step) {
+      ForwardBatch batch;
+      for (int32_t t = 0; t < batch_size; ++t) BENCH_CHECK(batcher.Append(batch, t, next[t], true));
+      const auto start = std::chrono::steady_clock::now();
+      auto output = runner.Forward(batch);
+      BENCH_CHECK(output.status());
+      if (step > 0) seconds += Seconds(start);  // the first step warms up
+      for (int32_t t = 0; t < batch_size; ++t) {
+        next[t] = {ArgMax(std::span<const float>(output->logits)
+                              .subspan(t * config.vocab_size, config.vocab_size))};
+      }
+      if (step == 0) continue;
+      double step_bytes = read.dense;
+      for (const std::vector<int32_t>& ids : output->routing.expert_ids) {
+        step_bytes += read.expert * std::set<int32_t>(ids.begin(), ids.end()).size();
+      }
+      step_bytes += read.kv_per_token * batch_size * (context + step);
+      bytes += step_bytes;
+    }
+    const double roofline_seconds = bytes / bandwidth;
+    rows.push_back({"decode batch " + std::to_string(batch_size) + label,
+                    batch_size * (steps - 1) / seconds, roofline_seconds / seconds,
+                    "of memory roofline"});
+  }
+  return rows;
+}
+
 int Main() {
   SyntheticModelSpec spec;
   spec.hidden_size = 2048;
@@ -200,55 +269,9 @@ int Main() {
       2.0 * (parameters.non_expert -
              int64_t{config.vocab_size} * config.hidden_size);  // minus embedding table
 
-  std::vector<Row> rows;
-  for (int32_t batch_size : batches) {
-    OfflineBatcher batcher(runner->block_size(), runner->num_blocks());
-    std::vector<std::vector<int32_t>> next(batch_size);
-    for (int32_t s = 0; s < batch_size; ++s) {
-      BENCH_CHECK(batcher.AddSequence(context + steps + 1).status());
-    }
-    // Prefill (untimed), a few sequences per step.
-    for (int32_t s = 0; s < batch_size; s += 4) {
-      ForwardBatch batch;
-      for (int32_t t = s; t < std::min(batch_size, s + 4); ++t) {
-        std::vector<int32_t> prompt(context);
-        for (int32_t i = 0; i < context; ++i)
-          prompt[i] = (i * 7919 + t * 104729) % config.vocab_size;
-        BENCH_CHECK(batcher.Append(batch, t, prompt, true));
-      }
-      auto output = runner->Forward(batch);
-      BENCH_CHECK(output.status());
-      for (int32_t t = s; t < std::min(batch_size, s + 4); ++t) {
-        next[t] = {ArgMax(std::span<const float>(output->logits)
-                              .subspan((t - s) * config.vocab_size, config.vocab_size))};
-      }
-    }
-    double seconds = 0, bytes = 0;
-    for (int32_t step = 0; step < steps; ++step) {
-      ForwardBatch batch;
-      for (int32_t t = 0; t < batch_size; ++t) BENCH_CHECK(batcher.Append(batch, t, next[t], true));
-      const auto start = std::chrono::steady_clock::now();
-      auto output = runner->Forward(batch);
-      BENCH_CHECK(output.status());
-      if (step > 0) seconds += Seconds(start);  // the first step warms up
-      for (int32_t t = 0; t < batch_size; ++t) {
-        next[t] = {ArgMax(std::span<const float>(output->logits)
-                              .subspan(t * config.vocab_size, config.vocab_size))};
-      }
-      if (step == 0) continue;
-      double step_bytes = dense_bytes;
-      for (const std::vector<int32_t>& ids : output->routing.expert_ids) {
-        step_bytes += expert_bytes * std::set<int32_t>(ids.begin(), ids.end()).size();
-      }
-      step_bytes += static_cast<double>(kv_bytes_per_token) * batch_size * (context + step);
-      bytes += step_bytes;
-    }
-    const double roofline_seconds = bytes / bandwidth;
-    rows.push_back({"decode batch " + std::to_string(batch_size),
-                    batch_size * (steps - 1) / seconds, roofline_seconds / seconds,
-                    "of memory roofline"});
-  }
-
+  const StepBytes step_bytes{dense_bytes, expert_bytes, static_cast<double>(kv_bytes_per_token)};
+  std::vector<Row> rows =
+      MeasureDecode(*runner, batches, context, steps, bandwidth, step_bytes, "");
   {
     std::vector<int32_t> prompt(prefill_tokens);
     for (int32_t i = 0; i < prefill_tokens; ++i) prompt[i] = (i * 31337) % config.vocab_size;
@@ -271,11 +294,32 @@ int Main() {
                     flops / seconds / peak, "of bf16 GEMM peak"});
   }
 
-  std::printf("\n%-20s %14s %10s\n", "case", "tokens/s", "fraction");
+  std::printf("%s\n", runner->backend_execution_summary().c_str());
+
+  // The same decode steps launched kernel by kernel, for the CUDA graphs' share.
+  std::vector<std::string> speedups;
+  if (absl::GetFlag(FLAGS_compare_without_graphs)) {
+    runner.reset();  // one model on the GPU at a time
+    setenv("MOE_CUDA_GRAPH_MAX_TOKENS", "0", 1);
+    auto eager = ModelRunner::Create(options);
+    BENCH_CHECK(eager.status());
+    const std::vector<Row> eager_rows =
+        MeasureDecode(**eager, batches, context, steps, bandwidth, step_bytes, ", no graphs");
+    for (size_t i = 0; i < eager_rows.size(); ++i) {
+      speedups.push_back(
+          absl::StrFormat("CUDA graphs at batch %d: %.2fx the tokens/s of "
+                          "kernel-by-kernel launches",
+                          batches[i], rows[i].tokens_per_second / eager_rows[i].tokens_per_second));
+    }
+    rows.insert(rows.end(), eager_rows.begin(), eager_rows.end());
+  }
+
+  std::printf("\n%-28s %14s %10s\n", "case", "tokens/s", "fraction");
   for (const Row& row : rows) {
-    std::printf("%-20s %14.1f %9.1f%% %s\n", row.what.c_str(), row.tokens_per_second,
+    std::printf("%-28s %14.1f %9.1f%% %s\n", row.what.c_str(), row.tokens_per_second,
                 100 * row.fraction, row.note.c_str());
   }
+  for (const std::string& line : speedups) std::printf("%s\n", line.c_str());
   return 0;
 }
 

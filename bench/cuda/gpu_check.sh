@@ -7,8 +7,8 @@
 #   GPU machine: bench/cuda/gpu_check.sh run     # carry: [".gpu-carry"]; logs under $OUT
 #
 # `run` executes the CUDA op and forward-pass tests, compute-sanitizer memcheck and racecheck
-# over the op tests, and moe-bench-cuda (f32 KV cache, then a short bf16-KV run), then prints
-# a short table last.
+# over the op tests, and moe-bench-cuda (f32 KV cache, decode with and without CUDA graphs, then
+# a short bf16-KV run), then prints a short table last.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CARRY="$ROOT/.gpu-carry"
@@ -66,18 +66,27 @@ run() {
     summary+=("$(printf '%-28s rc=%-3s %4ss  %s' "sanitizer $tool" "$rc" "$((SECONDS - start))" \
       "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)")")
   done
+  # Graph capture and replay (decode steps of the whole forward pass) under memcheck.
+  local start=$SECONDS
+  timeout 120 $sanitizer --tool memcheck --error-exitcode 3 "$CARRY/bin/cuda_forward_test" \
+    --gtest_filter='AllArchitectures/CudaForwardTest.GraphReplay*/0' \
+    >"$out/sanitizer_memcheck_graphs.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-28s rc=%-3s %4ss  %s' "sanitizer memcheck graphs" "$rc" \
+    "$((SECONDS - start))" "$(grep -E 'ERROR SUMMARY' "$out/sanitizer_memcheck_graphs.log" | tail -1)")")
   if [ -x "$CARRY/bin/moe-bench-cuda" ]; then
     timeout 200 "$CARRY/bin/moe-bench-cuda" --layers=4 --dir=/tmp/moe-cuda-bench >"$out/bench.log" 2>&1
     summary+=("moe-bench-cuda rc=$?")
     # The bf16 KV cache at the largest batch, beside the f32 figures above.
     timeout 90 "$CARRY/bin/moe-bench-cuda" --layers=4 --dir=/tmp/moe-cuda-bench --batches=64 \
-      --steps=16 --prefill_tokens=256 --kv_cache_dtype=bf16 >"$out/bench_bf16_kv.log" 2>&1
+      --steps=16 --prefill_tokens=256 --kv_cache_dtype=bf16 --compare_without_graphs=false \
+      >"$out/bench_bf16_kv.log" 2>&1
     summary+=("moe-bench-cuda --kv_cache_dtype=bf16 rc=$?")
   fi
   echo
   echo "==== gpu_check ($(cat "$out/device.txt"))"
   printf '%s\n' "${summary[@]}"
-  [ -f "$out/bench.log" ] && tail -12 "$out/bench.log"
+  [ -f "$out/bench.log" ] && tail -16 "$out/bench.log"
   [ -f "$out/bench_bf16_kv.log" ] && tail -4 "$out/bench_bf16_kv.log"
 }
 

@@ -115,6 +115,9 @@ class Backend {
 
   virtual std::string name() const = 0;
   virtual std::string device_description() const = 0;
+  // What the backend has done so far that its description does not say, for benchmarks and
+  // tests (the CUDA backend: decode steps captured and replayed as graphs); empty if nothing.
+  virtual std::string execution_summary() const { return {}; }
 
   // ---- memory --------------------------------------------------------------------------------
   virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;

@@ -42,6 +42,7 @@ class DecoderRunner final : public ModelRunner {
   std::string backend_description() const override {
     return absl::StrCat(backend_->name(), " (", backend_->device_description(), ")");
   }
+  std::string backend_execution_summary() const override { return backend_->execution_summary(); }
 
   absl::StatusOr<ForwardOutput> Forward(const ForwardBatch& batch) override {
     const ModelConfig& config = model_->config;
@@ -155,17 +156,22 @@ class DecoderRunner final : public ModelRunner {
   }
 
  private:
-  // Copies every MoE layer's expert ids and weights ([tokens, top_k] each) to the record,
-  // after one Synchronize for the whole step.
+  // Copies every MoE layer's expert ids and weights ([tokens, top_k] each) to the record, after
+  // one Synchronize for the whole step: the layers lie one after another in act_, so two copies
+  // (each a host synchronisation on a GPU) bring them all.
   absl::Status RecordRouting(int64_t stride, int32_t moe_layers, StepRouting& record) {
     RETURN_IF_ERROR(backend_->Synchronize());
+    const int64_t total = stride * moe_layers;
+    std::vector<int32_t> ids(total);
+    std::vector<float> weights(total);
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(ids.data(), act_.expert_ids.data(), total * sizeof(int32_t)));
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(weights.data(), act_.expert_weights.data(), total * sizeof(float)));
     for (int32_t m = 0; m < moe_layers; ++m) {
-      std::vector<int32_t>& ids = record.expert_ids.emplace_back(stride);
-      std::vector<float>& weights = record.expert_weights.emplace_back(stride);
-      RETURN_IF_ERROR(backend_->CopyToHost(ids.data(), act_.expert_ids.as<int32_t>() + m * stride,
-                                           stride * sizeof(int32_t)));
-      RETURN_IF_ERROR(backend_->CopyToHost(
-          weights.data(), act_.expert_weights.as<float>() + m * stride, stride * sizeof(float)));
+      record.expert_ids.emplace_back(ids.begin() + m * stride, ids.begin() + (m + 1) * stride);
+      record.expert_weights.emplace_back(weights.begin() + m * stride,
+                                         weights.begin() + (m + 1) * stride);
     }
     return absl::OkStatus();
   }

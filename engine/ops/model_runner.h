@@ -45,6 +45,8 @@ class ModelRunner {
   virtual const ParameterCounts& parameters() const = 0;
   // e.g. "cpu (CPU, 2 threads, SIMD AVX3)"
   virtual std::string backend_description() const = 0;
+  // The backend's execution_summary() (e.g. CUDA graph replays); empty if it has none.
+  virtual std::string backend_execution_summary() const { return {}; }
 
   // Writes K/V of every batch token at its slot, then computes logits for batch.logits_rows.
   // The batch must reference only blocks in [0, num_blocks()).

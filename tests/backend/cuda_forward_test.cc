@@ -6,6 +6,7 @@
 // CPU backend's own bound against transformers); routing: identical expert ids, probability
 // mass within 1e-4; greedy tokens identical to transformers'.
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -129,6 +130,75 @@ TEST_P(CudaForwardTest, PromptMatchesCpuAndTransformers) {
       ++moe_index;
     }
   }
+}
+
+// Greedy decode of the three prompts together, `steps` steps after their prefill: every step's
+// output.
+std::vector<ForwardOutput> DecodeTogether(ModelRunner& runner, Reference& reference, int steps) {
+  const int32_t vocab = runner.config().vocab_size;
+  OfflineBatcher batcher(runner.block_size(), runner.num_blocks());
+  ForwardBatch prefill;
+  for (int p = 0; p < kPrompts; ++p) {
+    const std::vector<int32_t> prompt = reference.Ints("prompt." + std::to_string(p));
+    const int32_t seq = batcher.AddSequence(static_cast<int32_t>(prompt.size()) + steps).value();
+    EXPECT_TRUE(batcher.Append(prefill, seq, prompt, true).ok());
+  }
+  std::vector<ForwardOutput> outputs;
+  ForwardBatch batch = std::move(prefill);
+  for (int step = 0; step <= steps; ++step) {
+    auto output = runner.Forward(batch);
+    EXPECT_TRUE(output.ok()) << "step " << step << ": " << output.status();
+    if (!output.ok()) break;
+    batch = ForwardBatch();
+    for (int32_t seq = 0; seq < kPrompts; ++seq) {
+      const int32_t next =
+          ArgMax(std::span<const float>(output->logits).subspan(seq * vocab, vocab));
+      EXPECT_TRUE(batcher.Append(batch, seq, std::vector<int32_t>{next}, true).ok());
+    }
+    outputs.push_back(std::move(output).value());
+  }
+  return outputs;
+}
+
+// Decode steps replayed from CUDA graphs give the logits and routing of the same steps launched
+// kernel by kernel, bit for bit (the same kernels with the same arguments), and graphs are used.
+TEST_P(CudaForwardTest, GraphReplayMatchesEagerDecodeBitForBit) {
+  constexpr int kSteps = 12;
+  Reference reference(GetParam());
+  ModelRunnerOptions options;
+  options.model_dir = FixtureDir(GetParam());
+  options.backend = "cuda";
+  options.kv_cache_bytes = 16 << 20;
+  setenv("MOE_CUDA_GRAPH_MAX_TOKENS", "0", 1);
+  auto eager = ModelRunner::Create(options);
+  unsetenv("MOE_CUDA_GRAPH_MAX_TOKENS");
+  ASSERT_TRUE(eager.ok()) << eager.status();
+  EXPECT_THAT((*eager)->backend_description(), testing::Not(testing::HasSubstr("CUDA graphs")));
+  EXPECT_THAT(cuda_->backend_description(), testing::HasSubstr("CUDA graphs"));
+
+  const std::vector<ForwardOutput> expected = DecodeTogether(**eager, reference, kSteps);
+  const std::vector<ForwardOutput> graphed = DecodeTogether(*cuda_, reference, kSteps);
+  ASSERT_EQ(graphed.size(), expected.size());
+  for (size_t step = 0; step < expected.size(); ++step) {
+    EXPECT_EQ(graphed[step].logits, expected[step].logits) << "step " << step;
+    EXPECT_EQ(graphed[step].routing.expert_ids, expected[step].routing.expert_ids)
+        << "step " << step;
+    EXPECT_EQ(graphed[step].routing.probability_mass, expected[step].routing.probability_mass)
+        << "step " << step;
+  }
+  // Two metadata areas alternate between steps, so each is seen once (eagerly), then captured;
+  // every later decode step is a replay.
+  const std::string summary = cuda_->backend_execution_summary();
+  int captured = -1, replayed = -1, eager_steps = -1, failures = -1;
+  ASSERT_EQ(std::sscanf(summary.c_str(),
+                        "cuda graphs: %d captured, %d steps replayed, %d graphable steps run "
+                        "eagerly, %d capture failures",
+                        &captured, &replayed, &eager_steps, &failures),
+            4)
+      << summary;
+  EXPECT_EQ(failures, 0) << summary;
+  EXPECT_GE(replayed, kSteps - 4) << summary;
+  EXPECT_EQ(replayed + eager_steps, kSteps) << summary;
 }
 
 INSTANTIATE_TEST_SUITE_P(AllArchitectures, CudaForwardTest,

@@ -20,6 +20,7 @@
 #include "engine/backend/cuda/cuda_raii.h"
 #include "engine/backend/cuda/cuda_status.h"
 #include "engine/backend/cuda/kernels.h"
+#include "engine/backend/cuda/step_graphs.h"
 #include "engine/common/status_macros.h"
 
 namespace moe::cuda {
@@ -74,7 +75,15 @@ int EnvInt(const char* name, int fallback) {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const CudaBackendOptions& options, cudaDeviceProp properties)
-      : options_(options), properties_(properties) {}
+      : options_(options),
+        properties_(properties),
+        graphs_(
+            static_cast<size_t>(std::max(options.graph_cache_size, 1)),
+            [this](const std::function<absl::Status()>& launches) { return Capture(launches); },
+            [this](const GraphExec& graph) {
+              return CudaStatus(cudaGraphLaunch(graph.get(), stream_.get()), "cudaGraphLaunch",
+                                __FILE__, __LINE__);
+            }) {}
 
   absl::Status Init() {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
@@ -101,8 +110,18 @@ class CudaBackend final : public Backend {
         static_cast<double>(properties_.totalGlobalMem) / (1 << 30),
         properties_.multiProcessorCount,
         options_.bf16_activations ? "bf16 activations" : "bf16 weights x split-fp32 activations");
+    if (options_.graph_max_tokens > 0) {
+      absl::StrAppend(&text, "; CUDA graphs for decode steps of <= ", options_.graph_max_tokens,
+                      " tokens");
+    }
     if (options_.selected_by_auto) text = absl::StrCat("auto: GPU found; ", text);
     return text;
+  }
+  std::string execution_summary() const override {
+    const auto& counters = graphs_.counters();
+    return absl::StrCat("cuda graphs: ", counters.captured, " captured, ", counters.replayed,
+                        " steps replayed, ", counters.eager, " graphable steps run eagerly, ",
+                        counters.capture_failures, " capture failures");
   }
 
   // ---- memory ----------------------------------------------------------------------------------
@@ -111,12 +130,14 @@ class CudaBackend final : public Backend {
     return AllocateOrExhausted(bytes, "activations");
   }
   absl::Status CopyToDevice(void* device_dst, const void* host_src, size_t bytes) override {
+    RETURN_IF_ERROR(launches_.RunQueuedNow());
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(device_dst, host_src, bytes, cudaMemcpyHostToDevice, stream_.get()));
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
     return absl::OkStatus();
   }
   absl::Status CopyToHost(void* host_dst, const void* device_src, size_t bytes) override {
+    RETURN_IF_ERROR(launches_.RunQueuedNow());
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(host_dst, device_src, bytes, cudaMemcpyDeviceToHost, stream_.get()));
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
@@ -131,6 +152,8 @@ class CudaBackend final : public Backend {
                                                      " outside (0, ", kAttentionMaxHeadDim, "]"));
     }
     RETURN_IF_ERROR(ValidateKvCacheDType(shape, "cuda"));
+    launches_.End();
+    graphs_.Clear();
     keys_.clear();
     values_.clear();
     kv_pool_ = DeviceBuffer();
@@ -155,6 +178,7 @@ class CudaBackend final : public Backend {
   absl::Status BeginStep(const ForwardBatch& batch) override;
 
   absl::Status Synchronize() override {
+    RETURN_IF_ERROR(RunStepLaunches());
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(error_flag_host_.data(), error_flag_.data(),
                                          sizeof(int32_t), cudaMemcpyDeviceToHost, stream_.get()));
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
@@ -187,8 +211,11 @@ class CudaBackend final : public Backend {
       }
     }
     if (out.cols != weight.cols) return ShapeError("Embed", table, out.cols);
-    return Launched(LaunchEmbed(step_.token_ids, out.rows, weight.data, weight.type, weight.cols,
-                                out.data, out.stride, stream_.get()));
+    const int32_t* ids = step_.token_ids;
+    return launches_.Add("embed", {ids, weight.data, out.data, out.rows, out.stride}, [=, this] {
+      return Launched(LaunchEmbed(ids, out.rows, weight.data, weight.type, weight.cols, out.data,
+                                  out.stride, stream_.get()));
+    });
   }
 
   absl::Status RmsNorm(Matrix x, const TensorView& weight, float eps, Matrix out) override {
@@ -196,9 +223,13 @@ class CudaBackend final : public Backend {
     if (w.rows * w.cols != x.cols || w.type != WeightType::kF32) {
       return ShapeError("RmsNorm", weight, x.cols);
     }
-    return Launched(LaunchRmsNorm(x.data, x.stride, x.rows, x.cols,
-                                  static_cast<const float*>(w.data), eps, out.data, out.stride,
-                                  stream_.get()));
+    const auto* w_data = static_cast<const float*>(w.data);
+    return launches_.Add("rms_norm",
+                         {x.data, x.stride, x.rows, x.cols, w_data, eps, out.data, out.stride},
+                         [=, this] {
+                           return Launched(LaunchRmsNorm(x.data, x.stride, x.rows, x.cols, w_data,
+                                                         eps, out.data, out.stride, stream_.get()));
+                         });
   }
 
   absl::Status Linear(Matrix x, const TensorView& weight, const TensorView* bias,
@@ -219,7 +250,9 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status Clamp(Matrix x, float limit) override {
-    return Launched(LaunchClamp(x.data, x.stride, x.rows, x.cols, limit, stream_.get()));
+    return launches_.Add("clamp", {x.data, x.stride, x.rows, x.cols, limit}, [=, this] {
+      return Launched(LaunchClamp(x.data, x.stride, x.rows, x.cols, limit, stream_.get()));
+    });
   }
 
   absl::Status Rope(Matrix x, int32_t head_dim, double theta) override {
@@ -229,8 +262,13 @@ class CudaBackend final : public Backend {
           absl::StrCat("cuda Rope: head_dim ", head_dim, " does not divide ", x.cols));
     }
     ASSIGN_OR_RETURN(const float* inv_freq, InverseFrequencies(head_dim, theta));
-    return Launched(LaunchRope(x.data, x.stride, x.rows, static_cast<int32_t>(x.cols / head_dim),
-                               head_dim, step_.positions, inv_freq, stream_.get()));
+    const int32_t heads = static_cast<int32_t>(x.cols / head_dim);
+    const int32_t* positions = step_.positions;
+    return launches_.Add("rope", {x.data, x.stride, x.rows, heads, head_dim, positions, inv_freq},
+                         [=, this] {
+                           return Launched(LaunchRope(x.data, x.stride, x.rows, heads, head_dim,
+                                                      positions, inv_freq, stream_.get()));
+                         });
   }
 
   absl::Status WriteKv(int32_t layer, Matrix k, Matrix v) override {
@@ -242,20 +280,33 @@ class CudaBackend final : public Backend {
                                                      ", ", k.cols, "] v [", v.rows, ", ", v.cols,
                                                      "] vs kv_dim ", kv_dim));
     }
-    return Launched(LaunchWriteKv(k.data, k.stride, v.data, v.stride, k.rows, kv_dim, step_.slots,
-                                  keys_[layer], values_[layer], kv_shape_.dtype == DType::kBF16,
-                                  stream_.get()));
+    const int32_t* slots = step_.slots;
+    void* key_pool = keys_[layer];
+    void* value_pool = values_[layer];
+    const bool bf16 = kv_shape_.dtype == DType::kBF16;
+    return launches_.Add(
+        "write_kv", {k.data, k.stride, v.data, v.stride, k.rows, slots, key_pool, value_pool, bf16},
+        [=, this] {
+          return Launched(LaunchWriteKv(k.data, k.stride, v.data, v.stride, k.rows, kv_dim, slots,
+                                        key_pool, value_pool, bf16, stream_.get()));
+        });
   }
 
   absl::Status Attention(const AttentionParams& params, Matrix q, Matrix out) override;
 
   absl::Status Fill(Matrix x, float value) override {
-    return Launched(LaunchFill(x.data, x.stride, x.rows, x.cols, value, stream_.get()));
+    return launches_.Add("fill", {x.data, x.stride, x.rows, x.cols, value}, [=, this] {
+      return Launched(LaunchFill(x.data, x.stride, x.rows, x.cols, value, stream_.get()));
+    });
   }
 
   absl::Status AddInPlace(Matrix residual, Matrix x) override {
-    return Launched(LaunchAdd(residual.data, residual.stride, x.data, x.stride, residual.rows,
-                              residual.cols, stream_.get()));
+    return launches_.Add(
+        "add", {residual.data, residual.stride, x.data, x.stride, residual.rows, residual.cols},
+        [=, this] {
+          return Launched(LaunchAdd(residual.data, residual.stride, x.data, x.stride, residual.rows,
+                                    residual.cols, stream_.get()));
+        });
   }
 
   absl::Status SwigluMlp(Matrix x, const MlpWeights& mlp, Matrix out) override;
@@ -270,8 +321,14 @@ class CudaBackend final : public Backend {
   absl::Status AddGated(Matrix x, const TensorView& gate, Matrix shared, Matrix out) override {
     ASSIGN_OR_RETURN(const DeviceWeight g, Find(gate));
     if (g.rows * g.cols != x.cols) return ShapeError("AddGated", gate, x.cols);
-    return Launched(LaunchAddGated(x.data, x.stride, g.data, g.type, shared.data, shared.stride,
-                                   out.data, out.stride, x.rows, out.cols, stream_.get()));
+    return launches_.Add("add_gated",
+                         {x.data, x.stride, g.data, shared.data, shared.stride, out.data,
+                          out.stride, x.rows, out.cols},
+                         [=, this] {
+                           return Launched(LaunchAddGated(
+                               x.data, x.stride, g.data, g.type, shared.data, shared.stride,
+                               out.data, out.stride, x.rows, out.cols, stream_.get()));
+                         });
   }
 
   absl::Status GatherRows(Matrix x, std::span<const int32_t> rows, Matrix out) override {
@@ -290,9 +347,13 @@ class CudaBackend final : public Backend {
       ASSIGN_OR_RETURN(void* uploaded, Upload(rows.data(), rows.size() * sizeof(int32_t)));
       device_rows = static_cast<const int32_t*>(uploaded);
     }
-    return Launched(LaunchGatherRows(x.data, x.stride, device_rows,
-                                     static_cast<int64_t>(rows.size()), x.cols, out.data,
-                                     out.stride, stream_.get()));
+    const auto count = static_cast<int64_t>(rows.size());
+    return launches_.Add(
+        "gather_rows", {x.data, x.stride, device_rows, count, x.cols, out.data, out.stride},
+        [=, this] {
+          return Launched(LaunchGatherRows(x.data, x.stride, device_rows, count, x.cols, out.data,
+                                           out.stride, stream_.get()));
+        });
   }
 
  private:
@@ -373,8 +434,67 @@ class CudaBackend final : public Backend {
   absl::Status MatMul(Matrix x, const void* w, WeightType type, const float* bias, Matrix out,
                       bool exact = false);
 
-  // bf16 hi (and, unless hi_only, lo) copies of x in scratch.
-  absl::Status SplitActivations(const Matrix& x, bool hi_only);
+  // scratch.Ensure(bytes), after running the queued launches (they may use its memory, which
+  // growing frees).
+  absl::Status EnsureScratch(Scratch& scratch, size_t bytes) {
+    if (scratch.Holds(bytes)) return absl::OkStatus();
+    RETURN_IF_ERROR(launches_.RunQueuedNow());
+    graphs_.Clear();  // recorded on the memory about to be freed
+    return scratch.Ensure(bytes, stream_.get());
+  }
+
+  // Runs a queueing step's launches (graph replay, capture, or one by one); see step_graphs.h.
+  absl::Status RunStepLaunches() {
+    if (!launches_.deferring()) return absl::OkStatus();
+    // What the launches read besides their own key words: the step's metadata and the scratch.
+    launches_.AppendKey({step_.token_ids,
+                         step_.positions,
+                         step_.slots,
+                         step_.block_table_offsets,
+                         step_.block_tables,
+                         step_.logits_rows,
+                         step_.tiles,
+                         step_.num_tiles,
+                         split_hi_.data(),
+                         split_lo_.data(),
+                         router_logits_.data(),
+                         mlp_gate_.data(),
+                         mlp_up_.data(),
+                         moe_index_.data(),
+                         moe_activation_.data(),
+                         moe_expert_out_.data(),
+                         attention_partial_.data(),
+                         stats_device_.data(),
+                         stats_host_.data(),
+                         error_flag_.data()});
+    const absl::Status status = graphs_.Run(launches_);
+    launches_.End();
+    return status;
+  }
+
+  // Records what `launches` enqueue on the stream into an executable graph.
+  absl::StatusOr<GraphExec> Capture(const std::function<absl::Status()>& launches) {
+    CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
+    const absl::Status launched = launches();
+    cudaGraph_t captured = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_.get(), &captured);
+    const Graph graph(captured);
+    if (!launched.ok() || ended != cudaSuccess) {
+      cudaGetLastError();  // a failed capture leaves nothing behind; the step runs eagerly
+      RETURN_IF_ERROR(launched);
+      return CudaStatus(ended, "cudaStreamEndCapture", __FILE__, __LINE__);
+    }
+    cudaGraphExec_t exec = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph.get(), 0));
+    return GraphExec(exec);
+  }
+
+  // Attention's split of the key range for a step whose longest context is `max_context`.
+  struct AttentionSplits {
+    int32_t splits = 1;
+    int32_t keys_per_split = 0;
+  };
+  AttentionSplits SplitKeys(int64_t blocks) const;
 
   CudaBackendOptions options_;
   cudaDeviceProp properties_;
@@ -397,6 +517,8 @@ class CudaBackend final : public Backend {
   int32_t attention_configured_head_dim_ = 0;
 
   // Step.
+  StepLaunches launches_;
+  StepGraphCache<GraphExec> graphs_;
   const ForwardBatch* batch_ = nullptr;
   int32_t max_context_ = 0;
   StepMetadata step_;
@@ -426,6 +548,8 @@ class CudaBackend final : public Backend {
 absl::Status CudaBackend::PrepareWeights(const ModelWeights& model) {
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  launches_.End();
+  graphs_.Clear();
   weights_.clear();
   expert_tables_.clear();
   weight_arena_ = DeviceBuffer();
@@ -626,6 +750,7 @@ absl::StatusOr<void*> CudaBackend::Upload(const void* data, size_t bytes) {
 }
 
 absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
+  launches_.End();  // whatever a failed step left queued never runs
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
   const int64_t tokens = batch.num_tokens();
   if (keys_.empty()) return absl::FailedPreconditionError("cuda: no KV cache allocated");
@@ -635,6 +760,11 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
   for (const SequenceChunk& chunk : batch.sequences) {
     max_context = std::max(max_context, chunk.context_len);
   }
+  // Decode-only steps queue their launches for a graph.
+  const bool decode_only =
+      std::all_of(batch.sequences.begin(), batch.sequences.end(),
+                  [](const SequenceChunk& chunk) { return chunk.num_tokens == 1; });
+  launches_.Begin(decode_only && tokens <= options_.graph_max_tokens);
   if (!pending_stats_.empty()) {
     // The previous step failed before its Synchronize: its statistics pointed into its own
     // (gone) output, and an expert-id error it flagged was its own, not this step's.
@@ -729,14 +859,6 @@ absl::StatusOr<const float*> CudaBackend::InverseFrequencies(int32_t head_dim, d
 
 // ---- matrix products -------------------------------------------------------------------------
 
-absl::Status CudaBackend::SplitActivations(const Matrix& x, bool hi_only) {
-  const size_t bytes = static_cast<size_t>(x.rows * x.cols) * sizeof(uint16_t);
-  RETURN_IF_ERROR(split_hi_.Ensure(bytes, stream_.get()));
-  if (!hi_only) RETURN_IF_ERROR(split_lo_.Ensure(bytes, stream_.get()));
-  return Launched(LaunchSplitBf16(x.data, x.stride, x.rows, x.cols, split_hi_.as<uint16_t>(),
-                                  hi_only ? nullptr : split_lo_.as<uint16_t>(), stream_.get()));
-}
-
 absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const float* bias,
                                  Matrix out, bool exact) {
   const int64_t m = x.rows, n = out.cols, k = x.cols;
@@ -753,37 +875,51 @@ absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const
     args.k = k;
     args.out = out.data;
     args.out_stride = out.stride;
-    return Launched(LaunchGroupedGemv(args, stream_.get()));
+    return launches_.Add("gemv", {x.data, x.stride, m, k, w, type, bias, n, out.data, out.stride},
+                         [args, this] { return Launched(LaunchGroupedGemv(args, stream_.get())); });
   }
   constexpr int64_t kIntMax = 0x7fffffff;
   if (m > kIntMax || n > kIntMax || k > kIntMax || out.stride > kIntMax || x.stride > kIntMax) {
     return absl::InvalidArgumentError("cuda: matrix too large for cuBLAS");
   }
-  const float one = 1.0f, zero = 0.0f;
   // Row-major out[m, n] = x[m, k] W[n, k]^T is column-major out^T[n, m] = W^T x^T: A = W (k x n
   // column-major, transposed), B = x (k x m column-major).
   if (type == WeightType::kF32) {
-    CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
-                                       static_cast<const float*>(w), k, x.data, x.stride, &zero,
-                                       out.data, out.stride));
+    RETURN_IF_ERROR(launches_.Add(
+        "sgemm", {x.data, x.stride, m, k, w, n, out.data, out.stride}, [=, this]() -> absl::Status {
+          const float one = 1.0f, zero = 0.0f;
+          CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
+                                             static_cast<const float*>(w), k, x.data, x.stride,
+                                             &zero, out.data, out.stride));
+          return absl::OkStatus();
+        }));
   } else {
+    // x = hi + lo in bf16 (lo dropped with bf16 activations), one GEMM each.
     const bool hi_only = options_.bf16_activations && !exact;
-    RETURN_IF_ERROR(SplitActivations(x, hi_only));
-    CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w,
-                                        CUDA_R_16BF, k, split_hi_.data(), CUDA_R_16BF, k, &zero,
-                                        out.data, CUDA_R_32F, out.stride, CUBLAS_COMPUTE_32F,
-                                        CUBLAS_GEMM_DEFAULT));
-    if (!hi_only) {
-      CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w,
-                                          CUDA_R_16BF, k, split_lo_.data(), CUDA_R_16BF, k, &one,
-                                          out.data, CUDA_R_32F, out.stride, CUBLAS_COMPUTE_32F,
-                                          CUBLAS_GEMM_DEFAULT));
-    }
+    const size_t split_bytes = static_cast<size_t>(m * k) * sizeof(uint16_t);
+    RETURN_IF_ERROR(EnsureScratch(split_hi_, split_bytes));
+    if (!hi_only) RETURN_IF_ERROR(EnsureScratch(split_lo_, split_bytes));
+    uint16_t* hi = split_hi_.as<uint16_t>();
+    uint16_t* lo = hi_only ? nullptr : split_lo_.as<uint16_t>();
+    RETURN_IF_ERROR(launches_.Add(
+        "bf16_gemm", {x.data, x.stride, m, k, w, n, out.data, out.stride, hi, lo},
+        [=, this]() -> absl::Status {
+          RETURN_IF_ERROR(Launched(LaunchSplitBf16(x.data, x.stride, m, k, hi, lo, stream_.get())));
+          const float one = 1.0f, zero = 0.0f;
+          for (const uint16_t* part : {hi, lo}) {
+            if (part == nullptr) continue;
+            CUBLAS_RETURN_IF_ERROR(
+                cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF,
+                             k, part, CUDA_R_16BF, k, part == hi ? &zero : &one, out.data,
+                             CUDA_R_32F, out.stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          }
+          return absl::OkStatus();
+        }));
   }
-  if (bias != nullptr) {
+  if (bias == nullptr) return absl::OkStatus();
+  return launches_.Add("add_bias", {out.data, out.stride, m, n, bias}, [=, this] {
     return Launched(LaunchAddBias(out.data, out.stride, m, n, bias, stream_.get()));
-  }
-  return absl::OkStatus();
+  });
 }
 
 absl::Status CudaBackend::SwigluMlp(Matrix x, const MlpWeights& mlp, Matrix out) {
@@ -798,7 +934,7 @@ absl::Status CudaBackend::SwigluMlp(Matrix x, const MlpWeights& mlp, Matrix out)
                                                    " do not fit hidden ", hidden));
   }
   if (x.rows == 0) return absl::OkStatus();
-  RETURN_IF_ERROR(mlp_gate_.Ensure(x.rows * ffn * sizeof(float), stream_.get()));
+  RETURN_IF_ERROR(EnsureScratch(mlp_gate_, x.rows * ffn * sizeof(float)));
   const Matrix activation = Matrix::Dense(mlp_gate_.as<float>(), x.rows, ffn);
   if (x.rows <= options_.gemv_max_rows) {
     GroupedGemvArgs args;
@@ -813,14 +949,19 @@ absl::Status CudaBackend::SwigluMlp(Matrix x, const MlpWeights& mlp, Matrix out)
     args.out = activation.data;
     args.out_stride = ffn;
     args.gate_up = true;
-    RETURN_IF_ERROR(Launched(LaunchGroupedGemv(args, stream_.get())));
+    RETURN_IF_ERROR(launches_.Add(
+        "gate_up_gemv", {x.data, x.stride, x.rows, gate.data, up.data, activation.data},
+        [args, this] { return Launched(LaunchGroupedGemv(args, stream_.get())); }));
   } else {
-    RETURN_IF_ERROR(mlp_up_.Ensure(x.rows * ffn * sizeof(float), stream_.get()));
+    RETURN_IF_ERROR(EnsureScratch(mlp_up_, x.rows * ffn * sizeof(float)));
     const Matrix up_out = Matrix::Dense(mlp_up_.as<float>(), x.rows, ffn);
     RETURN_IF_ERROR(MatMul(x, gate.data, gate.type, nullptr, activation));
     RETURN_IF_ERROR(MatMul(x, up.data, up.type, nullptr, up_out));
-    RETURN_IF_ERROR(Launched(
-        LaunchSiluMul(activation.data, ffn, up_out.data, ffn, x.rows, ffn, stream_.get())));
+    RETURN_IF_ERROR(
+        launches_.Add("silu_mul", {activation.data, up_out.data, x.rows, ffn}, [=, this] {
+          return Launched(
+              LaunchSiluMul(activation.data, ffn, up_out.data, ffn, x.rows, ffn, stream_.get()));
+        }));
   }
   return MatMul(activation, down.data, down.type, nullptr, out);
 }
@@ -842,20 +983,28 @@ absl::Status CudaBackend::Route(Matrix x, const TensorView& router, int32_t top_
     return absl::FailedPreconditionError("cuda Route: more experts than PrepareWeights saw");
   }
   if (static_cast<int>(pending_stats_.size()) >= kMaxPendingStats) RETURN_IF_ERROR(Synchronize());
-  RETURN_IF_ERROR(router_logits_.Ensure(x.rows * experts * sizeof(float), stream_.get()));
+  RETURN_IF_ERROR(EnsureScratch(router_logits_, x.rows * experts * sizeof(float)));
   const Matrix logits = Matrix::Dense(router_logits_.as<float>(), x.rows, experts);
   RETURN_IF_ERROR(MatMul(x, w.data, w.type, nullptr, logits, /*exact=*/true));
 
   const int slot = static_cast<int>(pending_stats_.size());
   double* device_stats = stats_device_.as<double>() + slot * stats_stride_;
-  CUDA_RETURN_IF_ERROR(
-      cudaMemsetAsync(device_stats, 0, (experts + 1) * sizeof(double), stream_.get()));
-  RETURN_IF_ERROR(Launched(LaunchRoute(logits.data, x.rows, static_cast<int32_t>(experts), top_k,
-                                       normalize_top_k, result.expert_ids, result.expert_weights,
-                                       device_stats, stream_.get())));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(stats_host_.as<double>() + slot * stats_stride_,
-                                       device_stats, (experts + 1) * sizeof(double),
-                                       cudaMemcpyDeviceToHost, stream_.get()));
+  double* host_stats = stats_host_.as<double>() + slot * stats_stride_;
+  const size_t stats_bytes = (experts + 1) * sizeof(double);
+  const auto num_experts = static_cast<int32_t>(experts);
+  RETURN_IF_ERROR(launches_.Add(
+      "route",
+      {logits.data, x.rows, num_experts, top_k, normalize_top_k, result.expert_ids,
+       result.expert_weights, device_stats, host_stats},
+      [=, this]() -> absl::Status {
+        CUDA_RETURN_IF_ERROR(cudaMemsetAsync(device_stats, 0, stats_bytes, stream_.get()));
+        RETURN_IF_ERROR(Launched(LaunchRoute(logits.data, x.rows, num_experts, top_k,
+                                             normalize_top_k, result.expert_ids,
+                                             result.expert_weights, device_stats, stream_.get())));
+        CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_stats, device_stats, stats_bytes,
+                                             cudaMemcpyDeviceToHost, stream_.get()));
+        return absl::OkStatus();
+      }));
   pending_stats_.push_back({slot, probability_mass, router_z_sum});
   return absl::OkStatus();
 }
@@ -885,7 +1034,7 @@ absl::Status CudaBackend::MoeExperts(Matrix x, std::span<const MlpWeights> exper
   // Index scratch: offsets, row_token, row_of_assignment, touched, counts, tile lists.
   const int64_t index_elements =
       (num_experts + 1) + 2 * assignments + num_experts + 2 + 2 * int64_t{max_tiles};
-  RETURN_IF_ERROR(moe_index_.Ensure(index_elements * sizeof(int32_t), stream_.get()));
+  RETURN_IF_ERROR(EnsureScratch(moe_index_, index_elements * sizeof(int32_t)));
   int32_t* cursor = moe_index_.as<int32_t>();
   auto take = [&](int64_t count) {
     int32_t* at = cursor;
@@ -906,11 +1055,14 @@ absl::Status CudaBackend::MoeExperts(Matrix x, std::span<const MlpWeights> exper
   sort.tile_expert = take(max_tiles);
   sort.tile_row = take(max_tiles);
   sort.error_flag = error_flag_.as<int32_t>();
-  RETURN_IF_ERROR(Launched(LaunchMoeSort(sort, stream_.get())));
+  RETURN_IF_ERROR(launches_.Add(
+      "moe_sort",
+      {routing.expert_ids, assignments, top_k, num_experts, sort.offsets, sort.error_flag},
+      [sort, this] { return Launched(LaunchMoeSort(sort, stream_.get())); }));
 
   const int64_t ffn = table.ffn, hidden = table.hidden;
-  RETURN_IF_ERROR(moe_activation_.Ensure(assignments * ffn * sizeof(float), stream_.get()));
-  RETURN_IF_ERROR(moe_expert_out_.Ensure(assignments * hidden * sizeof(float), stream_.get()));
+  RETURN_IF_ERROR(EnsureScratch(moe_activation_, assignments * ffn * sizeof(float)));
+  RETURN_IF_ERROR(EnsureScratch(moe_expert_out_, assignments * hidden * sizeof(float)));
   float* activation = moe_activation_.as<float>();
   float* expert_out = moe_expert_out_.as<float>();
 
@@ -938,7 +1090,9 @@ absl::Status CudaBackend::MoeExperts(Matrix x, std::span<const MlpWeights> exper
     args.out = activation;
     args.out_stride = ffn;
     args.gate_up = true;
-    RETURN_IF_ERROR(Launched(LaunchGroupedGemm(args, stream_.get())));
+    RETURN_IF_ERROR(launches_.Add(
+        "moe_gemm", {args.x, args.x_stride, args.w_gate, args.n, args.k, args.out, args.gate_up},
+        [args, this] { return Launched(LaunchGroupedGemm(args, stream_.get())); }));
     // down: expert_out[row] = act[row] . down
     args.x = activation;
     args.x_stride = ffn;
@@ -951,7 +1105,9 @@ absl::Status CudaBackend::MoeExperts(Matrix x, std::span<const MlpWeights> exper
     args.out = expert_out;
     args.out_stride = hidden;
     args.gate_up = false;
-    RETURN_IF_ERROR(Launched(LaunchGroupedGemm(args, stream_.get())));
+    RETURN_IF_ERROR(launches_.Add(
+        "moe_gemm", {args.x, args.x_stride, args.w_gate, args.n, args.k, args.out, args.gate_up},
+        [args, this] { return Launched(LaunchGroupedGemm(args, stream_.get())); }));
   } else {
     GroupedGemvArgs args;
     args.offsets = sort.offsets;
@@ -972,7 +1128,11 @@ absl::Status CudaBackend::MoeExperts(Matrix x, std::span<const MlpWeights> exper
     args.out = activation;
     args.out_stride = ffn;
     args.gate_up = true;
-    RETURN_IF_ERROR(Launched(LaunchGroupedGemv(args, stream_.get())));
+    RETURN_IF_ERROR(
+        launches_.Add("moe_gemv",
+                      {args.x, args.x_stride, args.w_gate, args.n, args.k, args.out, args.gate_up,
+                       args.max_groups, args.max_group_rows},
+                      [args, this] { return Launched(LaunchGroupedGemv(args, stream_.get())); }));
     args.x = activation;
     args.x_stride = ffn;
     args.row_map = nullptr;
@@ -984,11 +1144,21 @@ absl::Status CudaBackend::MoeExperts(Matrix x, std::span<const MlpWeights> exper
     args.out = expert_out;
     args.out_stride = hidden;
     args.gate_up = false;
-    RETURN_IF_ERROR(Launched(LaunchGroupedGemv(args, stream_.get())));
+    RETURN_IF_ERROR(
+        launches_.Add("moe_gemv",
+                      {args.x, args.x_stride, args.w_gate, args.n, args.k, args.out, args.gate_up,
+                       args.max_groups, args.max_group_rows},
+                      [args, this] { return Launched(LaunchGroupedGemv(args, stream_.get())); }));
   }
-  return Launched(LaunchMoeCombine(expert_out, hidden, sort.row_of_assignment,
-                                   routing.expert_weights, tokens, top_k, hidden, out.data,
-                                   out.stride, stream_.get()));
+  const int32_t* row_of_assignment = sort.row_of_assignment;
+  return launches_.Add("moe_combine",
+                       {expert_out, row_of_assignment, routing.expert_weights, tokens, top_k,
+                        hidden, out.data, out.stride},
+                       [=, this] {
+                         return Launched(LaunchMoeCombine(
+                             expert_out, hidden, row_of_assignment, routing.expert_weights, tokens,
+                             top_k, hidden, out.data, out.stride, stream_.get()));
+                       });
 }
 
 // ---- attention -------------------------------------------------------------------------------
@@ -1026,25 +1196,10 @@ absl::Status CudaBackend::Attention(const AttentionParams& params, Matrix q, Mat
     step_.tiles_heads = params.num_heads;
     step_.tiles_kv_heads = params.num_kv_heads;
   }
-  // Split the key range when the tiles alone do not fill the GPU (decode, long contexts).
-  constexpr int32_t kKeyChunk = 32;
-  constexpr int32_t kMinKeysPerSplit = 256;
-  const int64_t blocks = int64_t{step_.num_tiles} * params.num_kv_heads;
-  int32_t splits = 1;
-  const int64_t target = 2 * int64_t{properties_.multiProcessorCount};
-  if (blocks < target && max_context_ > kMinKeysPerSplit) {
-    splits = static_cast<int32_t>(
-        std::min<int64_t>({(target + blocks - 1) / blocks,
-                           (max_context_ + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 64}));
-  }
-  int32_t keys_per_split = (max_context_ + splits - 1) / splits;
-  keys_per_split = std::max(kKeyChunk, (keys_per_split + kKeyChunk - 1) / kKeyChunk * kKeyChunk);
-  splits = (max_context_ + keys_per_split - 1) / keys_per_split;
-  splits = std::max(splits, 1);
-
+  const AttentionSplits split = SplitKeys(int64_t{step_.num_tiles} * params.num_kv_heads);
   const int64_t partial_elements =
-      int64_t{splits} * q.rows * params.num_heads * (params.head_dim + 2);
-  RETURN_IF_ERROR(attention_partial_.Ensure(partial_elements * sizeof(float), stream_.get()));
+      int64_t{split.splits} * q.rows * params.num_heads * (params.head_dim + 2);
+  RETURN_IF_ERROR(EnsureScratch(attention_partial_, partial_elements * sizeof(float)));
   AttentionArgs args;
   args.q = q.data;
   args.q_stride = q.stride;
@@ -1064,11 +1219,37 @@ absl::Status CudaBackend::Attention(const AttentionParams& params, Matrix q, Mat
   args.block_size = kv_shape_.block_size;
   args.scale = params.scale;
   args.sliding_window = params.sliding_window;
-  args.splits = splits;
-  args.keys_per_split = keys_per_split;
+  args.splits = split.splits;
+  args.keys_per_split = split.keys_per_split;
   args.tokens = q.rows;
   args.partial = attention_partial_.as<float>();
-  return Launched(LaunchPagedAttention(args, stream_.get()));
+  return launches_.Add(
+      "attention",
+      {q.data, q.stride, q.rows, out.data, out.stride, args.key_pool, args.value_pool, args.bf16_kv,
+       args.num_heads, args.num_kv_heads, args.head_dim, args.scale, args.sliding_window,
+       args.splits, args.keys_per_split, args.tiles, args.num_tiles},
+      [args, this] { return Launched(LaunchPagedAttention(args, stream_.get())); });
+}
+
+CudaBackend::AttentionSplits CudaBackend::SplitKeys(int64_t blocks) const {
+  // Split the key range when the tiles alone (`blocks` thread blocks per split) do not fill the
+  // GPU (decode, long contexts). The geometry follows the longest context rounded up to a power
+  // of two (at least kMinKeysPerSplit), so it changes O(log context) times over a
+  // generation; splits past a sequence's context are empty and cost one early exit.
+  constexpr int32_t kKeyChunk = 32;
+  constexpr int32_t kMinKeysPerSplit = 256;
+  int64_t context = kMinKeysPerSplit;
+  while (context < max_context_) context *= 2;
+  AttentionSplits split;
+  const int64_t target = 2 * int64_t{properties_.multiProcessorCount};
+  if (blocks < target && context > kMinKeysPerSplit) {
+    split.splits = static_cast<int32_t>(
+        std::min<int64_t>({(target + blocks - 1) / blocks, context / kMinKeysPerSplit, 64}));
+  }
+  const int64_t keys = (context + split.splits - 1) / split.splits;
+  split.keys_per_split = static_cast<int32_t>((keys + kKeyChunk - 1) / kKeyChunk * kKeyChunk);
+  split.splits = static_cast<int32_t>((context + split.keys_per_split - 1) / split.keys_per_split);
+  return split;
 }
 
 }  // namespace
@@ -1079,6 +1260,7 @@ CudaBackendOptions CudaBackendOptionsFromEnv() {
   options.gemv_max_rows = EnvInt("MOE_CUDA_GEMV_MAX_ROWS", options.gemv_max_rows);
   options.moe_gemv_max_rows = EnvInt("MOE_CUDA_MOE_GEMV_MAX_ROWS", options.moe_gemv_max_rows);
   options.bf16_activations = EnvInt("MOE_CUDA_BF16_ACTIVATIONS", 0) != 0;
+  options.graph_max_tokens = EnvInt("MOE_CUDA_GRAPH_MAX_TOKENS", options.graph_max_tokens);
   return options;
 }
 

@@ -16,10 +16,18 @@
 //
 // Host synchronisation: Route() only enqueues the copy of its statistics into pinned memory;
 // probability_mass and router_z_sum are accumulated on the host at the next Synchronize()
-// (the decoder calls it right after each MoE layer, in RecordRouting), so the span and pointer
-// passed to Route() must stay valid until then. Embed() and GatherRows() validate ids on the
-// host from the step's batch; an out-of-range expert id from the router is reported by the
-// next Synchronize().
+// (the decoder calls it once per step, before copying the routing and logits), so the span and
+// pointer passed to Route() must stay valid until then.
+//
+// CUDA graphs: in a decode-only step of at most graph_max_tokens tokens, the ops queue their
+// launches (with the values they were built from) until Synchronize(), which replays the
+// graph captured from an earlier step of equal launches, captures one if such a step was seen
+// once before, or runs them one by one (step_graphs.h). A decode step is then one graph launch
+// instead of ~15 kernel launches per layer. Attention's split of the key range follows the
+// longest context rounded up to a power of two, so a step's launches stay the same over many
+// tokens (and graph and eager runs give the same bits). Embed() and GatherRows() validate ids on
+// the host from the step's batch; an out-of-range expert id from the router is reported by the next
+// Synchronize().
 #pragma once
 
 #include <cstdint>
@@ -38,12 +46,18 @@ struct CudaBackendOptions {
   int32_t moe_gemv_max_rows = 16;
   // Round activations to bf16 once for tensor-core GEMMs (faster, ~4e-3 relative error).
   bool bf16_activations = false;
+  // Decode-only steps of at most this many tokens run as CUDA graphs; 0 = never.
+  int32_t graph_max_tokens = 64;
+  // Graphs kept, one per distinct step (batch size, context range, buffers); the least
+  // recently used is dropped beyond this.
+  int32_t graph_cache_size = 128;
   // Said in device_description(): the backend was picked by --backend=auto.
   bool selected_by_auto = false;
 };
 
 // Options from the environment: MOE_CUDA_DEVICE, MOE_CUDA_GEMV_MAX_ROWS,
-// MOE_CUDA_MOE_GEMV_MAX_ROWS, MOE_CUDA_BF16_ACTIVATIONS=1.
+// MOE_CUDA_MOE_GEMV_MAX_ROWS, MOE_CUDA_BF16_ACTIVATIONS=1, MOE_CUDA_GRAPH_MAX_TOKENS (0: no
+// CUDA graphs).
 CudaBackendOptions CudaBackendOptionsFromEnv();
 
 // Fails with FailedPrecondition when no GPU is visible (no driver, or no device).

@@ -19,8 +19,8 @@ absl::StatusOr<std::vector<DeviceProperties>> ListDevices() {
   for (int index = 0; index < count; ++index) {
     cudaDeviceProp properties;
     CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, index));
-    devices.push_back({index, properties.name, properties.major, properties.minor,
-                       properties.totalGlobalMem});
+    devices.push_back(
+        {index, properties.name, properties.major, properties.minor, properties.totalGlobalMem});
   }
   return devices;
 }

@@ -1,7 +1,7 @@
-// Move-only owners of CUDA and cuBLAS resources: streams, events, cuBLAS handles, pinned host
-// buffers and grow-on-demand stream-ordered device scratch. Creation goes through Create*
-// functions that return absl::StatusOr; destructors never fail loudly (errors at teardown are
-// dropped, as there is nobody left to report them to).
+// Move-only owners of CUDA and cuBLAS resources: streams, events, cuBLAS handles, graphs,
+// pinned host buffers and grow-on-demand stream-ordered device scratch. Creation goes through
+// Create* functions that return absl::StatusOr; destructors never fail loudly (errors at teardown
+// are dropped, as there is nobody left to report them to).
 #pragma once
 
 #include <cublas_v2.h>
@@ -65,9 +65,23 @@ struct CublasTraits {
   static void Release(Handle h) { cublasDestroy(h); }
 };
 
+struct GraphTraits {
+  using Handle = cudaGraph_t;
+  static Handle Null() { return nullptr; }
+  static void Release(Handle h) { cudaGraphDestroy(h); }
+};
+struct GraphExecTraits {
+  using Handle = cudaGraphExec_t;
+  static Handle Null() { return nullptr; }
+  // An executable graph still running is freed when it completes.
+  static void Release(Handle h) { cudaGraphExecDestroy(h); }
+};
+
 using Stream = UniqueHandle<StreamTraits>;
 using Event = UniqueHandle<EventTraits>;
 using CublasHandle = UniqueHandle<CublasTraits>;
+using Graph = UniqueHandle<GraphTraits>;
+using GraphExec = UniqueHandle<GraphExecTraits>;
 
 inline absl::StatusOr<Stream> CreateStream() {
   cudaStream_t stream = nullptr;
@@ -127,9 +141,12 @@ class Scratch {
   Scratch& operator=(const Scratch&) = delete;
   ~Scratch() { Reset(); }
 
+  // Whether Ensure(bytes) would keep the current memory.
+  bool Holds(size_t bytes) const { return bytes <= bytes_ && data_ != nullptr; }
+
   // At least `bytes` (rounded up, grown by 1.5x to amortise) on `stream`.
   absl::Status Ensure(size_t bytes, cudaStream_t stream) {
-    if (bytes <= bytes_ && data_ != nullptr) return absl::OkStatus();
+    if (Holds(bytes)) return absl::OkStatus();
     const size_t grown = std::max<size_t>(256, std::max(bytes, bytes_ + bytes_ / 2));
     Reset();
     void* data = nullptr;

@@ -16,9 +16,9 @@ inline absl::Status CudaStatus(cudaError_t error, const char* expression, const 
   const absl::StatusCode code = error == cudaErrorMemoryAllocation
                                     ? absl::StatusCode::kResourceExhausted
                                     : absl::StatusCode::kInternal;
-  return absl::Status(code, absl::StrCat("CUDA error ", cudaGetErrorName(error), " (",
-                                         cudaGetErrorString(error), ") in ", expression, " at ",
-                                         file, ":", line));
+  return absl::Status(
+      code, absl::StrCat("CUDA error ", cudaGetErrorName(error), " (", cudaGetErrorString(error),
+                         ") in ", expression, " at ", file, ":", line));
 }
 
 inline absl::Status CublasStatus(cublasStatus_t status, const char* expression, const char* file,
@@ -31,10 +31,10 @@ inline absl::Status CublasStatus(cublasStatus_t status, const char* expression, 
 
 }  // namespace moe::cuda
 
-#define MOE_GPU_CHECK_GEN(to_status, expr)                                            \
-  do {                                                                                \
-    ::absl::Status moe_gpu_status_ = to_status((expr), #expr, __FILE__, __LINE__);    \
-    if (!moe_gpu_status_.ok()) return moe_gpu_status_;                                \
+#define MOE_GPU_CHECK_GEN(to_status, expr)                                         \
+  do {                                                                             \
+    ::absl::Status moe_gpu_status_ = to_status((expr), #expr, __FILE__, __LINE__); \
+    if (!moe_gpu_status_.ok()) return moe_gpu_status_;                             \
   } while (0)
 
 #define CUDA_RETURN_IF_ERROR(expr) MOE_GPU_CHECK_GEN(::moe::cuda::CudaStatus, expr)
