@@ -7,7 +7,7 @@
 //   1e-6:         RmsNorm, Rope, AddGated (float32, different summation order / libm ulps)
 //   1e-5:         Attention (float32 online softmax vs two-pass)
 //   products:     Linear, SwigluMlp, Route, MoeExperts: per mode (see kModes):
-//                 weight-streaming kernel (float32 arithmetic) 2e-5; cuBLAS / WMMA GEMMs with
+//                 weight-streaming kernel (float32 arithmetic) 2e-5; cuBLASLt / WMMA GEMMs with
 //                 split activations (|x - hi - lo| <= 2^-17 |x|) 1e-4; bf16 activations 2e-2.
 #include "engine/backend/cuda/cuda_backend.h"
 

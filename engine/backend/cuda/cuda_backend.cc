@@ -20,6 +20,7 @@
 #include "engine/backend/cuda/cuda_raii.h"
 #include "engine/backend/cuda/cuda_status.h"
 #include "engine/backend/cuda/kernels.h"
+#include "engine/backend/cuda/lt_gemm.h"
 #include "engine/backend/cuda/step_graphs.h"
 #include "engine/common/status_macros.h"
 
@@ -93,6 +94,7 @@ class CudaBackend final : public Backend {
                      AllocateOrExhausted(kCublasWorkspaceBytes, "cuBLAS workspace"));
     CUBLAS_RETURN_IF_ERROR(
         cublasSetWorkspace(cublas_.get(), cublas_workspace_.data(), kCublasWorkspaceBytes));
+    RETURN_IF_ERROR(lt_gemm_.Init(cublas_workspace_.data(), kCublasWorkspaceBytes));
     for (Uploader& uploader : uploaders_) {
       ASSIGN_OR_RETURN(uploader.done, CreateEvent());
     }
@@ -501,7 +503,8 @@ class CudaBackend final : public Backend {
   // Declared first: destroyed last (scratch frees are ordered on it).
   Stream stream_;
   CublasHandle cublas_;
-  DeviceBuffer cublas_workspace_;
+  DeviceBuffer cublas_workspace_;  // shared by cuBLAS and cuBLASLt (one stream)
+  LtGemm lt_gemm_;
   DeviceBuffer error_flag_;
   DeviceBuffer error_flag_host_;  // pinned
 
@@ -893,33 +896,38 @@ absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const
                                              &zero, out.data, out.stride));
           return absl::OkStatus();
         }));
-  } else {
-    // x = hi + lo in bf16 (lo dropped with bf16 activations), one GEMM each.
-    const bool hi_only = options_.bf16_activations && !exact;
-    const size_t split_bytes = static_cast<size_t>(m * k) * sizeof(uint16_t);
-    RETURN_IF_ERROR(EnsureScratch(split_hi_, split_bytes));
-    if (!hi_only) RETURN_IF_ERROR(EnsureScratch(split_lo_, split_bytes));
-    uint16_t* hi = split_hi_.as<uint16_t>();
-    uint16_t* lo = hi_only ? nullptr : split_lo_.as<uint16_t>();
-    RETURN_IF_ERROR(launches_.Add(
-        "bf16_gemm", {x.data, x.stride, m, k, w, n, out.data, out.stride, hi, lo},
-        [=, this]() -> absl::Status {
-          RETURN_IF_ERROR(Launched(LaunchSplitBf16(x.data, x.stride, m, k, hi, lo, stream_.get())));
-          const float one = 1.0f, zero = 0.0f;
-          for (const uint16_t* part : {hi, lo}) {
-            if (part == nullptr) continue;
-            CUBLAS_RETURN_IF_ERROR(
-                cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, w, CUDA_R_16BF,
-                             k, part, CUDA_R_16BF, k, part == hi ? &zero : &one, out.data,
-                             CUDA_R_32F, out.stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-          }
-          return absl::OkStatus();
-        }));
+    if (bias == nullptr) return absl::OkStatus();
+    return launches_.Add("add_bias", {out.data, out.stride, m, n, bias}, [=, this] {
+      return Launched(LaunchAddBias(out.data, out.stride, m, n, bias, stream_.get()));
+    });
   }
-  if (bias == nullptr) return absl::OkStatus();
-  return launches_.Add("add_bias", {out.data, out.stride, m, n, bias}, [=, this] {
-    return Launched(LaunchAddBias(out.data, out.stride, m, n, bias, stream_.get()));
-  });
+  // x = hi + lo in bf16 (lo dropped with bf16 activations): a cuBLASLt GEMM each, the second
+  // accumulating, the last adding the bias.
+  const bool hi_only = options_.bf16_activations && !exact;
+  const size_t split_bytes = static_cast<size_t>(m * k) * sizeof(uint16_t);
+  RETURN_IF_ERROR(EnsureScratch(split_hi_, split_bytes));
+  if (!hi_only) RETURN_IF_ERROR(EnsureScratch(split_lo_, split_bytes));
+  uint16_t* hi = split_hi_.as<uint16_t>();
+  uint16_t* lo = hi_only ? nullptr : split_lo_.as<uint16_t>();
+  return launches_.Add(
+      "bf16_gemm", {x.data, x.stride, m, k, w, n, out.data, out.stride, hi, lo, bias},
+      [=, this]() -> absl::Status {
+        RETURN_IF_ERROR(Launched(LaunchSplitBf16(x.data, x.stride, m, k, hi, lo, stream_.get())));
+        LtGemmArgs args{.x = hi,
+                        .w = w,
+                        .m = m,
+                        .n = n,
+                        .k = k,
+                        .out = out.data,
+                        .out_stride = out.stride,
+                        .bias = hi_only ? bias : nullptr};
+        RETURN_IF_ERROR(lt_gemm_.Run(args, stream_.get()));
+        if (hi_only) return absl::OkStatus();
+        args.x = lo;
+        args.bias = bias;
+        args.accumulate = true;
+        return lt_gemm_.Run(args, stream_.get());
+      });
 }
 
 absl::Status CudaBackend::SwigluMlp(Matrix x, const MlpWeights& mlp, Matrix out) {

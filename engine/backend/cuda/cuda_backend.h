@@ -5,10 +5,11 @@
 // Matrix products (all with float32 accumulation):
 //  - few rows (<= gemv_max_rows; decode): a weight-streaming kernel, float32 arithmetic on
 //    bf16-widened weights; agrees with the CPU backend to float32 rounding (~1e-6 relative);
-//  - many rows, bf16 weights: cuBLAS GemmEx bf16 x bf16 -> f32 on the tensor cores, with the
-//    float32 activations split as x = hi + lo (two bf16 GEMMs); |x - hi - lo| <= 2^-17 |x|, so
-//    the product's error is <= 2^-17 sum_k |x_k w_k| plus float32 accumulation (~1e-5
-//    relative). `bf16_activations` drops lo (one GEMM; ~2^-9 relative per product, ~4e-3);
+//  - many rows, bf16 weights: cuBLASLt bf16 x bf16 -> f32 on the tensor cores (lt_gemm.h: a
+//    plan per shape, the bias in the epilogue), with the float32 activations split as
+//    x = hi + lo (two bf16 GEMMs); |x - hi - lo| <= 2^-17 |x|, so the product's error is
+//    <= 2^-17 sum_k |x_k w_k| plus float32 accumulation (~1e-5 relative). `bf16_activations`
+//    drops lo (one GEMM; ~2^-9 relative per product, ~4e-3);
 //  - many rows, f32 weights: cublasSgemm (no TF32).
 // MoE experts: counting sort of the routing on the device; per touched expert either the
 // streaming kernel (few rows per expert) or a grouped WMMA bf16 GEMM with the same hi/lo split,
