@@ -18,7 +18,7 @@
 namespace moe::cuda {
 
 // A move-only handle with a release function. `Traits` provides `Handle`, `Null()` and
-// `Release(Handle)`.
+// `Release(Handle)` (ReleasedBy below).
 template <typename Traits>
 class UniqueHandle {
  public:
@@ -49,39 +49,20 @@ class UniqueHandle {
   Handle handle_ = Traits::Null();
 };
 
-struct StreamTraits {
-  using Handle = cudaStream_t;
+// Traits of a pointer-like handle released by the function `kRelease`.
+template <typename H, auto kRelease>
+struct ReleasedBy {
+  using Handle = H;
   static Handle Null() { return nullptr; }
-  static void Release(Handle h) { cudaStreamDestroy(h); }
-};
-struct EventTraits {
-  using Handle = cudaEvent_t;
-  static Handle Null() { return nullptr; }
-  static void Release(Handle h) { cudaEventDestroy(h); }
-};
-struct CublasTraits {
-  using Handle = cublasHandle_t;
-  static Handle Null() { return nullptr; }
-  static void Release(Handle h) { cublasDestroy(h); }
+  static void Release(Handle h) { kRelease(h); }
 };
 
-struct GraphTraits {
-  using Handle = cudaGraph_t;
-  static Handle Null() { return nullptr; }
-  static void Release(Handle h) { cudaGraphDestroy(h); }
-};
-struct GraphExecTraits {
-  using Handle = cudaGraphExec_t;
-  static Handle Null() { return nullptr; }
-  // An executable graph still running is freed when it completes.
-  static void Release(Handle h) { cudaGraphExecDestroy(h); }
-};
-
-using Stream = UniqueHandle<StreamTraits>;
-using Event = UniqueHandle<EventTraits>;
-using CublasHandle = UniqueHandle<CublasTraits>;
-using Graph = UniqueHandle<GraphTraits>;
-using GraphExec = UniqueHandle<GraphExecTraits>;
+using Stream = UniqueHandle<ReleasedBy<cudaStream_t, &cudaStreamDestroy>>;
+using Event = UniqueHandle<ReleasedBy<cudaEvent_t, &cudaEventDestroy>>;
+using CublasHandle = UniqueHandle<ReleasedBy<cublasHandle_t, &cublasDestroy>>;
+using Graph = UniqueHandle<ReleasedBy<cudaGraph_t, &cudaGraphDestroy>>;
+// An executable graph still running when released is freed when it completes.
+using GraphExec = UniqueHandle<ReleasedBy<cudaGraphExec_t, &cudaGraphExecDestroy>>;
 
 inline absl::StatusOr<Stream> CreateStream() {
   cudaStream_t stream = nullptr;

@@ -34,7 +34,7 @@ cublasStatus_t SetPreference(cublasLtMatmulPreference_t preference,
 absl::Status LtGemm::Init(void* workspace, size_t workspace_bytes) {
   cublasLtHandle_t handle = nullptr;
   CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&handle));
-  handle_ = UniqueHandle<LtTraits>(handle);
+  handle_ = decltype(handle_)(handle);
   workspace_ = workspace;
   workspace_bytes_ = workspace_bytes;
   plans_.clear();
@@ -60,7 +60,7 @@ absl::StatusOr<LtGemm::Plan*> LtGemm::GetPlan(const LtGemmArgs& args) {
   Plan plan;
   cublasLtMatmulDesc_t desc = nullptr;
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  plan.desc = UniqueHandle<DescTraits>(desc);
+  plan.desc = MatmulDesc(desc);
   CUBLAS_RETURN_IF_ERROR(SetDesc(desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T));
   CUBLAS_RETURN_IF_ERROR(SetDesc(desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N));
   if (args.bias != nullptr) {
@@ -81,7 +81,8 @@ absl::StatusOr<LtGemm::Plan*> LtGemm::GetPlan(const LtGemmArgs& args) {
 
   cublasLtMatmulPreference_t raw_preference = nullptr;
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&raw_preference));
-  const UniqueHandle<PreferenceTraits> preference(raw_preference);
+  const UniqueHandle<ReleasedBy<cublasLtMatmulPreference_t, &cublasLtMatmulPreferenceDestroy>>
+      preference(raw_preference);
   CUBLAS_RETURN_IF_ERROR(SetPreference(raw_preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                        static_cast<uint64_t>(workspace_bytes_)));
   CUBLAS_RETURN_IF_ERROR(

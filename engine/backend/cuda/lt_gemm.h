@@ -34,27 +34,8 @@ class LtGemm {
   absl::Status Run(const LtGemmArgs& args, cudaStream_t stream);
 
  private:
-  struct LtTraits {
-    using Handle = cublasLtHandle_t;
-    static Handle Null() { return nullptr; }
-    static void Release(Handle h) { cublasLtDestroy(h); }
-  };
-  struct DescTraits {
-    using Handle = cublasLtMatmulDesc_t;
-    static Handle Null() { return nullptr; }
-    static void Release(Handle h) { cublasLtMatmulDescDestroy(h); }
-  };
-  struct LayoutTraits {
-    using Handle = cublasLtMatrixLayout_t;
-    static Handle Null() { return nullptr; }
-    static void Release(Handle h) { cublasLtMatrixLayoutDestroy(h); }
-  };
-  struct PreferenceTraits {
-    using Handle = cublasLtMatmulPreference_t;
-    static Handle Null() { return nullptr; }
-    static void Release(Handle h) { cublasLtMatmulPreferenceDestroy(h); }
-  };
-  using Layout = UniqueHandle<LayoutTraits>;
+  using Layout = UniqueHandle<ReleasedBy<cublasLtMatrixLayout_t, &cublasLtMatrixLayoutDestroy>>;
+  using MatmulDesc = UniqueHandle<ReleasedBy<cublasLtMatmulDesc_t, &cublasLtMatmulDescDestroy>>;
 
   // What a plan depends on: the shape, whether there is a bias, and the pointers' alignment
   // (the heuristic only offers algorithms the alignment allows).
@@ -70,14 +51,14 @@ class LtGemm {
     }
   };
   struct Plan {
-    UniqueHandle<DescTraits> desc;
+    MatmulDesc desc;
     Layout w, x, out;  // A = W (transposed), B = x, C = D = out, column-major views
     cublasLtMatmulAlgo_t algo;
   };
 
   absl::StatusOr<Plan*> GetPlan(const LtGemmArgs& args);
 
-  UniqueHandle<LtTraits> handle_;
+  UniqueHandle<ReleasedBy<cublasLtHandle_t, &cublasLtDestroy>> handle_;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   absl::flat_hash_map<PlanKey, Plan> plans_;
