@@ -288,6 +288,23 @@ void Engine::ExpireDeadlines(absl::Time now) {
   next_deadline_ = next;
 }
 
+void Engine::MarkArgmaxOnlyRows(StepPlan& plan, std::vector<int32_t>& logits_offset) const {
+  const size_t rows = plan.batch.logits_rows.size();
+  std::vector<bool> argmax_only(rows, false);
+  bool any = false;
+  for (const ScheduledSequence& scheduled : plan.scheduled) {
+    if (scheduled.logits_index < 0) continue;
+    const bool only = active_.at(scheduled.sequence->id())->sampler.OnlyNeedsArgmax();
+    argmax_only[scheduled.logits_index] = only;
+    any = any || only;
+  }
+  logits_offset.resize(rows);
+  int32_t next = 0;
+  for (size_t i = 0; i < rows; ++i) logits_offset[i] = any && argmax_only[i] ? -1 : next++;
+  plan.batch.argmax_only.clear();
+  if (any) plan.batch.argmax_only = std::move(argmax_only);
+}
+
 bool Engine::Step() {
   if (!scheduler_.has_unfinished()) return false;
   const absl::Time schedule_start = absl::Now();
@@ -300,6 +317,10 @@ bool Engine::Step() {
     FailAll(absl::InternalError("scheduler made no progress with nothing running"));
     return false;
   }
+  // Greedy requests that read nothing else of their logits get the argmax computed where the
+  // logits are (on a GPU: a few bytes copied instead of a vocabulary-wide row).
+  std::vector<int32_t> logits_offset;  // per logits row: its row in output->logits, or -1
+  MarkArgmaxOnlyRows(plan, logits_offset);
   absl::StatusOr<ForwardOutput> output = runner_->Forward(plan.batch);
   const absl::Time forward_end = absl::Now();
   forward_time_ += forward_end - forward_start;
@@ -312,10 +333,14 @@ bool Engine::Step() {
     return true;
   }
   const int32_t vocab = runner_->config().vocab_size;
-  if (output->logits.size() != plan.batch.logits_rows.size() * static_cast<size_t>(vocab)) {
-    FailAll(absl::InternalError(absl::StrCat("forward pass returned ", output->logits.size(),
-                                             " logits for ", plan.batch.logits_rows.size(),
-                                             " rows of ", vocab)));
+  const size_t returned_rows = static_cast<size_t>(
+      std::count_if(logits_offset.begin(), logits_offset.end(), [](int32_t o) { return o >= 0; }));
+  if (output->logits.size() != returned_rows * vocab ||
+      output->argmax.size() != (plan.batch.argmax_only.empty() ? 0 : logits_offset.size())) {
+    FailAll(absl::InternalError(absl::StrCat(
+        "forward pass returned ", output->logits.size(), " logits and ", output->argmax.size(),
+        " argmax ids for ", returned_rows, " rows of ", vocab, " and ",
+        plan.batch.argmax_only.empty() ? 0 : logits_offset.size(), " argmax rows")));
     return true;
   }
   if (options_.routing_observer) options_.routing_observer(plan.batch, output->routing);
@@ -359,9 +384,13 @@ bool Engine::Step() {
       continue;
     }
 
-    absl::Span<const float> logits(
-        output->logits.data() + static_cast<size_t>(scheduled.logits_index) * vocab, vocab);
-    SampledToken sampled = state.sampler.Sample(logits, sampler_workspace_);
+    const int32_t offset = logits_offset[scheduled.logits_index];
+    SampledToken sampled =
+        offset < 0 ? state.sampler.AcceptArgmax(output->argmax[scheduled.logits_index])
+                   : state.sampler.Sample(
+                         absl::Span<const float>(
+                             output->logits.data() + static_cast<size_t>(offset) * vocab, vocab),
+                         sampler_workspace_);
     seq->AppendToken(sampled.token_id);
     ++generated_tokens_;
     if (state.first_token == absl::InfinitePast()) state.first_token = forward_end;
@@ -440,9 +469,9 @@ void Engine::FinishRequest(int64_t id, FinishReason reason, absl::Status status,
     return begin == absl::InfinitePast() || end == absl::InfinitePast() ? absl::ZeroDuration()
                                                                         : end - begin;
   };
-  event.queue_time = phase(state->submitted,
-                           state->first_scheduled == absl::InfinitePast() ? now
-                                                                          : state->first_scheduled);
+  event.queue_time =
+      phase(state->submitted,
+            state->first_scheduled == absl::InfinitePast() ? now : state->first_scheduled);
   event.prefill_time = phase(state->first_scheduled, state->first_token);
   event.decode_time = phase(state->first_token, now);
   // Release text held back for a possible stop string (not after a stop string or a stop

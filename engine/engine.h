@@ -219,6 +219,9 @@ class Engine {
   // Ends a request: releases its sequence, sends the final event (with `event`'s contents).
   void FinishRequest(int64_t id, FinishReason reason, absl::Status status, RequestEvent event);
   void FailAll(const absl::Status& status);
+  // Marks the plan's logits rows whose request only needs their argmax (greedy, nothing else
+  // read from the row); logits_offset[i] = logits row i's row in ForwardOutput::logits, or -1.
+  void MarkArgmaxOnlyRows(StepPlan& plan, std::vector<int32_t>& logits_offset) const;
   void PublishStats();
 
   const EngineOptions options_;

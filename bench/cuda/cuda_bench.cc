@@ -3,10 +3,10 @@
 // Measures, in one run on one GPU:
 //   - device-to-device copy bandwidth (bytes read + written per second) and bf16 GEMM peak
 //     (cuBLAS, 8192^3, fp32 accumulation): the two ceilings;
-//   - decode tokens/s at each batch size (default 1, 8, 64) after a prefill of --context tokens
-//     per sequence, and the fraction of the memory roofline: bytes per step = dense weights +
-//     distinct experts touched (counted from the step's routing) x expert bytes + KV read,
-//     divided by the measured copy bandwidth;
+//   - greedy decode tokens/s (argmax on the GPU) at each batch size (default 1, 8, 64) after a
+//     prefill of --context tokens per sequence, and the fraction of the memory roofline: bytes
+//     per step = dense weights + distinct experts touched (counted from the step's routing) x
+//     expert bytes + KV read, divided by the measured copy bandwidth;
 //   - prefill tokens/s of one --prefill_tokens prompt and its fraction of the GEMM peak
 //     (2 x active parameters x tokens + attention FLOPs);
 //   - the decode rows again with CUDA graphs off, and the graphs' speed-up at each batch size
@@ -182,14 +182,13 @@ std::vector<Row> MeasureDecode(ModelRunner& runner, const std::vector<int32_t>& 
     for (int32_t step = 0; step < steps; ++step) {
       ForwardBatch batch;
       for (int32_t t = 0; t < batch_size; ++t) BENCH_CHECK(batcher.Append(batch, t, next[t], true));
+      // Greedy, as the engine serves greedy requests: the argmax on the GPU, no logits copied.
+      batch.argmax_only.assign(batch_size, true);
       const auto start = std::chrono::steady_clock::now();
       auto output = runner.Forward(batch);
       BENCH_CHECK(output.status());
       if (step > 0) seconds += Seconds(start);  // the first step warms up
-      for (int32_t t = 0; t < batch_size; ++t) {
-        next[t] = {ArgMax(std::span<const float>(output->logits)
-                              .subspan(t * config.vocab_size, config.vocab_size))};
-      }
+      for (int32_t t = 0; t < batch_size; ++t) next[t] = {output->argmax[t]};
       if (step == 0) continue;
       double step_bytes = read.dense;
       for (const std::vector<int32_t>& ids : output->routing.expert_ids) {

@@ -173,6 +173,9 @@ class Backend {
   virtual absl::Status AddGated(Matrix x, const TensorView& gate, Matrix shared, Matrix out) = 0;
   // out[i] = x[rows[i]]
   virtual absl::Status GatherRows(Matrix x, std::span<const int32_t> rows, Matrix out) = 0;
+  // out[r] = ArgMax(x[r]) (engine/common/argmax.h: the lowest index among equal maxima; a NaN
+  // wins only in column 0). out: [x.rows] int32 in backend memory.
+  virtual absl::Status RowArgMax(Matrix x, int32_t* out) = 0;
 };
 
 struct BackendOptions {

@@ -28,8 +28,14 @@ struct ForwardBatch {
   // Rows of the packed batch whose logits are needed (usually the last token of each sequence
   // that is decoding or finishes its prefill in this step), in the order logits are returned.
   std::vector<int32_t> logits_rows;
+  // Empty, or one flag per logits row: true when the caller needs only the row's argmax
+  // (greedy sampling that reads nothing else of the row). Such rows come back in
+  // ForwardOutput::argmax, computed where the logits are, and their logits are not copied out.
+  std::vector<bool> argmax_only;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
+  // Whether logits row i (an index into logits_rows) comes back in ForwardOutput::logits.
+  bool returns_logits(size_t i) const { return argmax_only.empty() || !argmax_only[i]; }
 };
 
 // Exact routing of one step, for expert statistics and per-token routing in responses.
@@ -46,7 +52,12 @@ struct StepRouting {
 };
 
 struct ForwardOutput {
-  std::vector<float> logits;  // [logits_rows.size(), vocab_size]
+  // [rows, vocab_size]: the logits rows that return logits (all unless argmax_only marks some),
+  // in logits_rows order.
+  std::vector<float> logits;
+  // [logits_rows.size()]: every logits row's ArgMax (engine/common/argmax.h) when the batch
+  // marks any row argmax_only; empty otherwise.
+  std::vector<int32_t> argmax;
   StepRouting routing;
 };
 

@@ -27,6 +27,7 @@ struct Activations {
   DeviceBuffer expert_weights;  // [moe_layers, tokens, top_k]
   DeviceBuffer last_hidden;     // [logit rows, hidden]
   DeviceBuffer logits;          // [logit rows, vocab]
+  DeviceBuffer argmax;          // [logit rows] int32
 };
 
 class DecoderRunner final : public ModelRunner {
@@ -50,6 +51,12 @@ class DecoderRunner final : public ModelRunner {
     const int64_t tokens = batch.num_tokens();
     const int64_t logit_rows = static_cast<int64_t>(batch.logits_rows.size());
     if (tokens == 0) return absl::InvalidArgumentError("batch has no tokens");
+    if (!batch.argmax_only.empty() &&
+        static_cast<int64_t>(batch.argmax_only.size()) != logit_rows) {
+      return absl::InvalidArgumentError(absl::StrCat("batch marks ", batch.argmax_only.size(),
+                                                     " argmax-only flags for ", logit_rows,
+                                                     " logits rows"));
+    }
     RETURN_IF_ERROR(Reserve(tokens, logit_rows));
     RETURN_IF_ERROR(backend_->BeginStep(batch));
 
@@ -137,20 +144,44 @@ class DecoderRunner final : public ModelRunner {
       RETURN_IF_ERROR(backend_->AddInPlace(hidden, mlp_out));
     }
 
+    // Logits rows in the order they are computed: those whose logits are returned first (one
+    // contiguous copy), then the argmax-only ones. order[j] = index into batch.logits_rows.
+    std::vector<int32_t> order;
+    std::vector<int32_t> rows_in_order;
+    int64_t returned_rows = logit_rows;
+    if (!batch.argmax_only.empty()) {
+      for (int32_t pass = 0; pass < 2; ++pass) {
+        for (int32_t i = 0; i < logit_rows; ++i) {
+          if (batch.returns_logits(i) == (pass == 0)) order.push_back(i);
+        }
+        if (pass == 0) returned_rows = static_cast<int64_t>(order.size());
+      }
+      for (int32_t i : order) rows_in_order.push_back(batch.logits_rows[i]);
+    }
     const Matrix logits = matrix(act_.logits, logit_rows, config.vocab_size);
     if (logit_rows > 0) {
       const Matrix last_hidden = matrix(act_.last_hidden, logit_rows, hidden_size);
-      RETURN_IF_ERROR(backend_->GatherRows(hidden, batch.logits_rows, last_hidden));
+      RETURN_IF_ERROR(backend_->GatherRows(
+          hidden, order.empty() ? std::span<const int32_t>(batch.logits_rows) : rows_in_order,
+          last_hidden));
       RETURN_IF_ERROR(
           backend_->RmsNorm(last_hidden, *weights.final_norm, config.rms_norm_eps, last_hidden));
       RETURN_IF_ERROR(backend_->Linear(last_hidden, *weights.lm_head, nullptr, logits));
+      if (!order.empty()) RETURN_IF_ERROR(backend_->RowArgMax(logits, act_.argmax.as<int32_t>()));
     }
     // The step's only host synchronisation, then the copies of routing and logits.
     RETURN_IF_ERROR(RecordRouting(routing_stride, moe_layers, record));
-    if (logit_rows > 0) {
-      output.logits.resize(logit_rows * config.vocab_size);
+    if (returned_rows > 0) {
+      output.logits.resize(returned_rows * config.vocab_size);
       RETURN_IF_ERROR(backend_->CopyToHost(output.logits.data(), logits.data,
                                            output.logits.size() * sizeof(float)));
+    }
+    if (!order.empty()) {
+      std::vector<int32_t> argmax(logit_rows);
+      RETURN_IF_ERROR(
+          backend_->CopyToHost(argmax.data(), act_.argmax.data(), argmax.size() * sizeof(int32_t)));
+      output.argmax.resize(logit_rows);
+      for (int32_t j = 0; j < logit_rows; ++j) output.argmax[order[j]] = argmax[j];
     }
     return output;
   }
@@ -202,6 +233,7 @@ class DecoderRunner final : public ModelRunner {
       const int64_t capacity = std::max<int64_t>(logit_rows, 2 * act_.capacity_logits);
       RETURN_IF_ERROR(grow(act_.last_hidden, capacity * config.hidden_size));
       RETURN_IF_ERROR(grow(act_.logits, capacity * config.vocab_size));
+      RETURN_IF_ERROR(grow(act_.argmax, capacity));
       act_.capacity_logits = capacity;
     }
     return absl::OkStatus();

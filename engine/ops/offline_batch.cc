@@ -46,12 +46,4 @@ absl::Status OfflineBatcher::Append(ForwardBatch& batch, int32_t index,
   return absl::OkStatus();
 }
 
-int32_t ArgMax(std::span<const float> values) {
-  int32_t best = 0;
-  for (int32_t i = 1; i < static_cast<int32_t>(values.size()); ++i) {
-    if (values[i] > values[best]) best = i;
-  }
-  return best;
-}
-
 }  // namespace moe

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/common/argmax.h"  // ArgMax, for the users of the logits
 #include "engine/ops/batch.h"
 
 namespace moe {
@@ -38,8 +39,5 @@ class OfflineBatcher {
   int32_t next_block_ = 0;
   std::vector<Sequence> sequences_;
 };
-
-// Index of the largest value (the lowest index among equals): greedy sampling.
-int32_t ArgMax(std::span<const float> values);
 
 }  // namespace moe

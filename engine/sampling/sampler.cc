@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/common/argmax.h"
+
 namespace moe {
 namespace {
 
@@ -26,15 +28,6 @@ struct ByValueDescending {
     return values[a] > values[b] || (values[a] == values[b] && a < b);
   }
 };
-
-// Argmax with ties broken towards the lowest index.
-int32_t ArgMaxLowestIndex(absl::Span<const float> values) {
-  int32_t best = 0;
-  for (int32_t i = 1; i < static_cast<int32_t>(values.size()); ++i) {
-    if (values[i] > values[best]) best = i;
-  }
-  return best;
-}
 
 }  // namespace
 
@@ -97,7 +90,7 @@ int32_t RequestSampler::Draw(const std::vector<float>& logits, SamplerWorkspace&
   const int32_t vocab = static_cast<int32_t>(logits.size());
   float max_logit = kNegInf;
   for (float l : logits) max_logit = std::max(max_logit, l);
-  if (max_logit == kNegInf) return ArgMaxLowestIndex(logits);  // everything masked
+  if (max_logit == kNegInf) return ArgMax(logits);  // everything masked
 
   std::vector<int32_t>& candidates = workspace.indices;
   candidates.resize(vocab);
@@ -183,13 +176,31 @@ SampledToken RequestSampler::Sample(absl::Span<const float> logits, SamplerWorks
   ApplyPenalties(work);
 
   SampledToken result;
-  result.token_id = params_.is_greedy() ? ArgMaxLowestIndex(work) : Draw(work, workspace);
+  result.token_id = params_.is_greedy() ? ArgMax(work) : Draw(work, workspace);
   if (params_.logprobs > 0) {
     ComputeLogprobs(logits, result.token_id, params_.logprobs, workspace, result);
   }
-  ++output_counts_[result.token_id];
-  ++num_generated_;
+  Record(result.token_id);
   return result;
+}
+
+bool RequestSampler::OnlyNeedsArgmax() const {
+  return params_.is_greedy() && params_.repetition_penalty == 1.0f &&
+         params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f &&
+         params_.logprobs == 0 &&
+         (num_generated_ >= params_.min_tokens || min_tokens_suppressed_.empty());
+}
+
+SampledToken RequestSampler::AcceptArgmax(int32_t token) {
+  Record(token);
+  SampledToken result;
+  result.token_id = token;
+  return result;
+}
+
+void RequestSampler::Record(int32_t token) {
+  ++output_counts_[token];
+  ++num_generated_;
 }
 
 }  // namespace moe

@@ -55,11 +55,19 @@ class RequestSampler {
   // Samples the next token from `logits` [vocab] and records it as generated.
   SampledToken Sample(absl::Span<const float> logits, SamplerWorkspace& workspace);
 
+  // Whether the next Sample would return the argmax of the raw logits and read nothing else
+  // of them: greedy, no penalty, no log-probabilities, nothing masked for min_tokens.
+  bool OnlyNeedsArgmax() const;
+  // Records `token`, the argmax of the raw logits computed elsewhere, as the sampled token
+  // (what Sample would have returned when OnlyNeedsArgmax()).
+  SampledToken AcceptArgmax(int32_t token);
+
   int32_t num_generated() const { return num_generated_; }
   uint64_t seed() const { return seed_; }
 
  private:
   void ApplyPenalties(std::vector<float>& logits) const;
+  void Record(int32_t token);
   int32_t Draw(const std::vector<float>& logits, SamplerWorkspace& workspace) const;
 
   const SamplingParams params_;

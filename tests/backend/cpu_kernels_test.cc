@@ -11,12 +11,14 @@
 #include "engine/backend/cpu/cpu_backend.h"
 #include "engine/backend/cpu/kernels.h"
 #include "engine/backend/cpu/thread_pool.h"
+#include "engine/common/argmax.h"
 #include "engine/model/dtype.h"
 #include "engine/ops/model_runner.h"
 #include "engine/ops/offline_batch.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "hwy/targets.h"
+#include "tests/testing/argmax_rows.h"
 
 namespace moe {
 namespace {
@@ -354,6 +356,23 @@ TEST(CpuBackendTest, MatmulWeightsMustBePreparedFirst) {
   const absl::Status status = cpu->Linear(in, stranger, nullptr, result);
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
   EXPECT_NE(status.message().find("stranger"), absl::string_view::npos) << status;
+}
+
+TEST(CpuBackendTest, RowArgMaxIsArgMaxOfEachRow) {
+  const std::unique_ptr<Backend> cpu = CreateCpuBackend({.num_threads = 2});
+  for (int64_t cols : {16, 1000, 50000}) {
+    int64_t rows = 0;
+    std::vector<float> values = testing_util::ArgMaxTestRows(cols, rows);
+    std::vector<int32_t> ids(rows, -1);
+    ASSERT_TRUE(cpu->RowArgMax(Matrix::Dense(values.data(), rows, cols), ids.data()).ok());
+    for (int64_t r = 0; r < rows; ++r) {
+      EXPECT_EQ(ids[r], ArgMax(std::span<const float>(values).subspan(r * cols, cols)))
+          << "row " << r << " of " << cols;
+    }
+    EXPECT_EQ(ids[1], 7);  // the tie
+    EXPECT_EQ(ids[2], 0);  // NaN in column 0
+    EXPECT_EQ(ids[5], cols - 1);
+  }
 }
 
 TEST(ThreadPoolTest, EveryIndexExactlyOnce) {

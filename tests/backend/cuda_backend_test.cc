@@ -18,6 +18,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -25,8 +26,10 @@
 #include "engine/backend/backend.h"
 #include "engine/backend/cpu/cpu_backend.h"
 #include "engine/backend/cuda/cuda_device.h"
+#include "engine/common/argmax.h"
 #include "engine/model/dtype.h"
 #include "gtest/gtest.h"
+#include "tests/testing/argmax_rows.h"
 
 namespace moe {
 namespace {
@@ -464,6 +467,28 @@ TEST_P(CudaBackendTest, RouteAndExperts) {
   }
 }
 
+// The device-side greedy choice: the same ids as the CPU backend (and ArgMax) over ties, NaNs,
+// infinities and random rows, at widths below, around and far above a thread block.
+TEST_P(CudaBackendTest, RowArgMax) {
+  for (int64_t cols : {16, 300, 50304}) {
+    int64_t rows = 0;
+    const std::vector<float> values = testing_util::ArgMaxTestRows(cols, rows);
+    const Twin x = Put(values, rows, cols);
+    const Twin ids = Poisoned(rows, 1);  // int32 ids in float-sized slots
+    Both([&](Backend& b, bool gpu) {
+      return b.RowArgMax(x.on(gpu), reinterpret_cast<int32_t*>(ids.on(gpu).data));
+    });
+    auto [cpu, gpu] = Get(ids);
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t cpu_id = 0, gpu_id = 0;
+      std::memcpy(&cpu_id, &cpu[r], sizeof(int32_t));
+      std::memcpy(&gpu_id, &gpu[r], sizeof(int32_t));
+      EXPECT_EQ(gpu_id, cpu_id) << "row " << r << " of " << cols;
+      EXPECT_EQ(cpu_id, ArgMax(std::span<const float>(values).subspan(r * cols, cols)));
+    }
+  }
+}
+
 TEST_P(CudaBackendTest, BadExpertIdIsReported) {
   const int64_t tokens = 2;
   const Twin x = Put(Random(tokens * kHidden), tokens, kHidden);
@@ -507,10 +532,10 @@ struct AttentionShape {
 // values, so the same tolerance).
 TEST_P(CudaBackendTest, Attention) {
   for (const auto& [shape, kv_dtype] : {std::pair{AttentionShape{8, 2, 32}, DType::kF32},
-                                       std::pair{AttentionShape{4, 4, 16}, DType::kF32},
-                                       std::pair{AttentionShape{40, 1, 64}, DType::kF32},
-                                       std::pair{AttentionShape{8, 2, 32}, DType::kBF16},
-                                       std::pair{AttentionShape{40, 1, 64}, DType::kBF16}}) {
+                                        std::pair{AttentionShape{4, 4, 16}, DType::kF32},
+                                        std::pair{AttentionShape{40, 1, 64}, DType::kF32},
+                                        std::pair{AttentionShape{8, 2, 32}, DType::kBF16},
+                                        std::pair{AttentionShape{40, 1, 64}, DType::kBF16}}) {
     AllocateKv(shape.heads, shape.kv_heads, shape.head_dim, kv_dtype);
     const int64_t q_dim = int64_t{shape.heads} * shape.head_dim;
     const int64_t kv_dim = int64_t{shape.kv_heads} * shape.head_dim;

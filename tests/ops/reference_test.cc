@@ -2,6 +2,7 @@
 // architecture (tests/fixtures/models, made by tests/reference/make_model_fixtures.py), on
 // every backend of the build (CUDA runs skip where no GPU is visible).
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,10 @@ class ReferenceTest : public testing::TestWithParam<std::tuple<std::string, std:
     return std::span<const float>(logits).subspan(row * vocab_, vocab_);
   }
 
+  void DecodePackedGreedily(
+      const std::function<void(int step, ForwardBatch& batch)>& mark,
+      const std::function<int32_t(int step, const ForwardOutput& output, int p)>& next_token);
+
   std::unique_ptr<ModelRunner> runner_;
   int vocab_ = 0;
 };
@@ -83,8 +88,7 @@ TEST_P(ReferenceTest, RoutingMatchesTransformers) {
   int moe_index = 0;
   for (int layer = 0; layer < config.num_layers; ++layer) {
     if (!config.layer_is_moe[layer]) continue;
-    const std::vector<int32_t> expected =
-        reference.Ints("routing.0.layer" + std::to_string(layer));
+    const std::vector<int32_t> expected = reference.Ints("routing.0.layer" + std::to_string(layer));
     EXPECT_THAT(output->routing.expert_ids[moe_index], testing::ElementsAreArray(expected))
         << "layer " << layer;
     ++moe_index;
@@ -118,9 +122,12 @@ TEST_P(ReferenceTest, GreedyDecodeMatchesTransformers) {
   }
 }
 
-// All prompts packed in one batch, then decoded together: the same tokens and logits (to the
-// bit) as each prompt alone.
-TEST_P(ReferenceTest, PackedBatchEqualsSingleSequences) {
+// Greedy decoding of all prompts packed in one batch per step, kGreedyTokens steps:
+// `mark(step, batch)` may mark argmax-only rows; `next(step, output, p)` checks the step's
+// output and returns prompt p's next token. Expects transformers' greedy tokens at the end.
+void ReferenceTest::DecodePackedGreedily(
+    const std::function<void(int step, ForwardBatch& batch)>& mark,
+    const std::function<int32_t(int step, const ForwardOutput& output, int p)>& next_token) {
   Reference reference(model());
   OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
   std::vector<std::vector<int32_t>> next(kPrompts);
@@ -132,27 +139,68 @@ TEST_P(ReferenceTest, PackedBatchEqualsSingleSequences) {
   for (int step = 0; step < kGreedyTokens; ++step) {
     ForwardBatch batch;
     for (int p = 0; p < kPrompts; ++p) ASSERT_TRUE(batcher.Append(batch, p, next[p], true).ok());
+    mark(step, batch);
     auto output = runner_->Forward(batch);
     ASSERT_TRUE(output.ok()) << output.status();
     for (int p = 0; p < kPrompts; ++p) {
-      const std::vector<float> expected = reference.Floats("greedy_logits." + std::to_string(p));
-      EXPECT_LE(RelativeError(Row(output->logits, p), Row(expected, step)), kMaxRelativeError);
-      generated[p].push_back(ArgMax(Row(output->logits, p)));
+      generated[p].push_back(next_token(step, *output, p));
       next[p] = {generated[p].back()};
     }
   }
   for (int p = 0; p < kPrompts; ++p) {
-    EXPECT_THAT(generated[p], testing::ElementsAreArray(reference.Ints("greedy." + std::to_string(p))));
+    EXPECT_THAT(generated[p],
+                testing::ElementsAreArray(reference.Ints("greedy." + std::to_string(p))));
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllArchitectures, ReferenceTest,
-                         testing::Combine(testing::Values("mixtral", "qwen2_moe", "qwen3_moe",
-                                                          "olmoe"),
-                                          testing::Values("cpu", "cuda")),
-                         [](const auto& info) {
-                           return std::get<0>(info.param) + "_" + std::get<1>(info.param);
-                         });
+// All prompts packed in one batch, then decoded together: the same tokens and logits (to the
+// bit) as each prompt alone.
+TEST_P(ReferenceTest, PackedBatchEqualsSingleSequences) {
+  Reference reference(model());
+  DecodePackedGreedily(
+      [](int, ForwardBatch&) {},
+      [&](int step, const ForwardOutput& output, int p) {
+        const std::vector<float> expected = reference.Floats("greedy_logits." + std::to_string(p));
+        EXPECT_LE(RelativeError(Row(output.logits, p), Row(expected, step)), kMaxRelativeError);
+        return ArgMax(Row(output.logits, p));
+      });
+}
+
+// Rows marked argmax_only come back as their argmax (computed by the backend), the others as
+// logits, first in the logits array: greedy decoding through both gives transformers' tokens.
+TEST_P(ReferenceTest, ArgmaxOnlyRowsReturnTheirGreedyTokenAndTheOthersTheirLogits) {
+  Reference reference(model());
+  // One prompt returns logits (1 at even steps, 0 at odd ones), the others only their argmax.
+  auto with_logits = [](int step) { return step % 2 == 0 ? 1 : 0; };
+  DecodePackedGreedily(
+      [&](int step, ForwardBatch& batch) {
+        batch.argmax_only = {with_logits(step) != 0, with_logits(step) != 1, true};
+      },
+      [&](int step, const ForwardOutput& output, int p) {
+        EXPECT_EQ(output.argmax.size(), static_cast<size_t>(kPrompts));
+        EXPECT_EQ(output.logits.size(), static_cast<size_t>(vocab_));  // one row of logits
+        if (p == with_logits(step) && output.logits.size() == static_cast<size_t>(vocab_)) {
+          const std::vector<float> expected =
+              reference.Floats("greedy_logits." + std::to_string(p));
+          EXPECT_LE(RelativeError(Row(output.logits, 0), Row(expected, step)), kMaxRelativeError);
+          EXPECT_EQ(output.argmax[p], ArgMax(Row(output.logits, 0)));
+        }
+        return p < static_cast<int>(output.argmax.size()) ? output.argmax[p] : -1;
+      });
+
+  OfflineBatcher batcher(runner_->block_size(), runner_->num_blocks());
+  ASSERT_EQ(batcher.AddSequence(4).value(), 0);
+  ForwardBatch bad;
+  ASSERT_TRUE(batcher.Append(bad, 0, std::vector<int32_t>{1, 2}, true).ok());
+  bad.argmax_only = {true, false};  // two flags for one logits row
+  EXPECT_EQ(runner_->Forward(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllArchitectures, ReferenceTest,
+    testing::Combine(testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+                     testing::Values("cpu", "cuda")),
+    [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 
 }  // namespace
 }  // namespace moe

@@ -4,6 +4,7 @@
 #include <map>
 #include <vector>
 
+#include "engine/common/argmax.h"
 #include "gtest/gtest.h"
 
 namespace moe {
@@ -181,6 +182,40 @@ TEST(SamplerTest, MinTokensMasksStopTokensUntilReached) {
   EXPECT_EQ(sampler.Sample(logits, ws).token_id, 2);
   EXPECT_EQ(sampler.Sample(logits, ws).token_id, 2);
   EXPECT_EQ(sampler.Sample(logits, ws).token_id, 1);
+}
+
+// OnlyNeedsArgmax holds exactly when Sample would return the raw logits' argmax and read nothing
+// else; AcceptArgmax then records the token as Sample would have.
+TEST(SamplerTest, ArgmaxOnlyWhenGreedyWithNothingElseReadFromTheLogits) {
+  EXPECT_TRUE(RequestSampler(Greedy(), 0, {}, {}).OnlyNeedsArgmax());
+  SamplingParams sampled;
+  sampled.temperature = 0.7f;
+  EXPECT_FALSE(RequestSampler(sampled, 0, {}, {}).OnlyNeedsArgmax());
+  for (auto change : std::vector<void (*)(SamplingParams&)>{
+           [](SamplingParams& p) { p.repetition_penalty = 1.1f; },
+           [](SamplingParams& p) { p.presence_penalty = 0.5f; },
+           [](SamplingParams& p) { p.frequency_penalty = 0.5f; },
+           [](SamplingParams& p) { p.logprobs = 1; }}) {
+    SamplingParams params = Greedy();
+    change(params);
+    EXPECT_FALSE(RequestSampler(params, 0, {}, {}).OnlyNeedsArgmax());
+  }
+
+  // min_tokens masks EOS until reached: the argmax of the raw logits is not the answer before.
+  SamplingParams params = Greedy();
+  params.min_tokens = 1;
+  const std::vector<float> logits = {0.0f, 5.0f, 1.0f};  // token 1 is EOS
+  RequestSampler masked(params, 0, {}, /*min_tokens_suppressed=*/{1});
+  RequestSampler accepted(params, 0, {}, /*min_tokens_suppressed=*/{1});
+  SamplerWorkspace ws;
+  EXPECT_FALSE(accepted.OnlyNeedsArgmax());
+  EXPECT_EQ(masked.Sample(logits, ws).token_id, 2);
+  EXPECT_EQ(accepted.Sample(logits, ws).token_id, 2);
+  EXPECT_TRUE(accepted.OnlyNeedsArgmax());
+  EXPECT_EQ(accepted.AcceptArgmax(ArgMax(logits)).token_id, masked.Sample(logits, ws).token_id);
+  EXPECT_EQ(accepted.num_generated(), masked.num_generated());
+  // Without stop ids to mask, min_tokens changes nothing.
+  EXPECT_TRUE(RequestSampler(params, 0, {}, {}).OnlyNeedsArgmax());
 }
 
 TEST(SamplerTest, LogprobsAreTheModelsLogSoftmax) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <span>
 #include <thread>
 #include <type_traits>
 
@@ -14,6 +15,7 @@
 #include "engine/backend/batch_validation.h"
 #include "engine/backend/cpu/kernels.h"
 #include "engine/backend/cpu/thread_pool.h"
+#include "engine/common/argmax.h"
 #include "engine/common/status_macros.h"
 
 namespace moe {
@@ -369,6 +371,15 @@ class CpuBackend final : public Backend {
       }
       std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status RowArgMax(Matrix x, int32_t* out) override {
+    pool_.ParallelFor(x.rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        out[r] = ArgMax(std::span<const float>(x.row(r), static_cast<size_t>(x.cols)));
+      }
+    });
     return absl::OkStatus();
   }
 

@@ -358,6 +358,12 @@ class CudaBackend final : public Backend {
         });
   }
 
+  absl::Status RowArgMax(Matrix x, int32_t* out) override {
+    return launches_.Add("row_argmax", {x.data, x.stride, x.rows, x.cols, out}, [=, this] {
+      return Launched(LaunchRowArgMax(x.data, x.stride, x.rows, x.cols, out, stream_.get()));
+    });
+  }
+
  private:
   struct PendingStats {
     int slot;

@@ -109,6 +109,53 @@ __global__ void GatherRowsKernel(const float* x, int64_t x_stride, const int32_t
   MOE_FOR_EACH_ROW_COL(rows, cols) { out[r * out_stride + c] = x[rows_index[r] * x_stride + c]; }
 }
 
+// Whether (value, index) beats (best, best_index) in a scan that keeps the lowest index of the
+// largest value and never moves to a NaN.
+__device__ __forceinline__ bool BeatsArgMax(float value, int32_t index, float best,
+                                            int32_t best_index) {
+  return !isnan(value) && (isnan(best) || value > best || (value == best && index < best_index));
+}
+
+// One block per row: a strided scan per thread, then warp and block reductions.
+__global__ void RowArgMaxKernel(const float* x, int64_t stride, int64_t cols, int32_t* out) {
+  __shared__ float warp_best[kWarpsPerBlock];
+  __shared__ int32_t warp_index[kWarpsPerBlock];
+  const float* row = x + int64_t{blockIdx.x} * stride;
+  float best = __int_as_float(0x7fc00000);  // NaN: beaten by any number
+  int32_t best_index = INT32_MAX;
+  for (int32_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float value = row[c];
+    if (BeatsArgMax(value, c, best, best_index)) {
+      best = value;
+      best_index = c;
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_down_sync(0xffffffffu, best, offset);
+    const int32_t other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
+    if (BeatsArgMax(other, other_index, best, best_index)) {
+      best = other;
+      best_index = other_index;
+    }
+  }
+  if (lane == 0) {
+    warp_best[warp] = best;
+    warp_index[warp] = best_index;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarpsPerBlock; ++w) {
+      if (BeatsArgMax(warp_best[w], warp_index[w], best, best_index)) {
+        best = warp_best[w];
+        best_index = warp_index[w];
+      }
+    }
+    // A NaN in column 0 is never left behind by the scan; all-NaN rows also answer 0.
+    out[blockIdx.x] = isnan(row[0]) || best_index == INT32_MAX ? 0 : best_index;
+  }
+}
+
 __global__ void SiluMulKernel(float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                               int64_t rows, int64_t cols) {
   MOE_FOR_EACH_ROW_COL(rows, cols) {
@@ -324,6 +371,14 @@ cudaError_t LaunchGatherRows(const float* x, int64_t x_stride, const int32_t* ro
   if (num_rows == 0) return cudaSuccess;
   GatherRowsKernel<<<RowGrid(num_rows, cols), kThreads, 0, stream>>>(x, x_stride, rows, num_rows,
                                                                      cols, out, out_stride);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRowArgMax(const float* x, int64_t stride, int64_t rows, int64_t cols,
+                            int32_t* out, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (cols <= 0 || cols > INT32_MAX || rows > INT32_MAX) return cudaErrorInvalidValue;
+  RowArgMaxKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(x, stride, cols, out);
   return cudaGetLastError();
 }
 

@@ -50,6 +50,10 @@ cudaError_t LaunchAddGated(const float* x, int64_t x_stride, const void* gate, W
 cudaError_t LaunchGatherRows(const float* x, int64_t x_stride, const int32_t* rows,
                              int64_t num_rows, int64_t cols, float* out, int64_t out_stride,
                              cudaStream_t stream);
+// out[r] = the lowest index of the largest value of x[r] (a NaN wins only in column 0), as
+// ArgMax in engine/common/argmax.h. cols < 2^31.
+cudaError_t LaunchRowArgMax(const float* x, int64_t stride, int64_t rows, int64_t cols,
+                            int32_t* out, cudaStream_t stream);
 // gate = silu(gate) * up, in place on gate. Both [rows, cols].
 cudaError_t LaunchSiluMul(float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                           int64_t rows, int64_t cols, cudaStream_t stream);
