@@ -791,10 +791,17 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
   Uploader& up = uploaders_[current_uploader_];
   if (up.pending) CUDA_RETURN_IF_ERROR(cudaEventSynchronize(up.done.get()));
   up.pending = false;
-  size_t needed = 0;
-  for (const SequenceChunk& chunk : batch.sequences) needed += chunk.block_table.size();
-  needed =
-      (needed + batch.sequences.size() + 4 * tokens + batch.logits_rows.size()) * sizeof(int32_t) +
+  // Block tables first, in a region rounded up to a power of two (at least 1024 entries): the
+  // other arrays then sit at offsets that change with the step's token, sequence and logits-row
+  // counts, not with every block a sequence grows into, so a decode step's launches (and its
+  // CUDA graph) stay the same from one token to the next.
+  size_t table_entries = 0;
+  for (const SequenceChunk& chunk : batch.sequences) table_entries += chunk.block_table.size();
+  size_t table_region = 1024;
+  while (table_region < table_entries) table_region *= 2;
+  const size_t needed =
+      (table_region + batch.sequences.size() + 4 * tokens + batch.logits_rows.size()) *
+          sizeof(int32_t) +
       // attention tiles and a few small uploads
       2 * tokens * sizeof(AttentionTile) + 16 * kAlignment;
   size_t capacity = up.host.bytes();
@@ -810,7 +817,8 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
   }
   up.used = 0;
 
-  // One packed upload: token ids, positions, slots, block-table offsets, block tables, logits rows.
+  // One packed upload: block tables, token ids, positions, slots, block-table offsets, logits
+  // rows.
   std::vector<int32_t> packed;
   packed.reserve(needed / sizeof(int32_t));
   auto append = [&](const std::vector<int32_t>& values) {
@@ -818,6 +826,9 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
     packed.insert(packed.end(), values.begin(), values.end());
     return at;
   };
+  const size_t tables_at = 0;
+  for (const SequenceChunk& chunk : batch.sequences) append(chunk.block_table);
+  packed.resize(table_region, 0);
   const size_t ids_at = append(batch.token_ids);
   const size_t positions_at = append(batch.positions);
   const size_t slots_at = append(batch.slot_mapping);
@@ -826,10 +837,6 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
   for (const SequenceChunk& chunk : batch.sequences) {
     packed.push_back(offset);
     offset += static_cast<int32_t>(chunk.block_table.size());
-  }
-  const size_t tables_at = packed.size();
-  for (const SequenceChunk& chunk : batch.sequences) {
-    packed.insert(packed.end(), chunk.block_table.begin(), chunk.block_table.end());
   }
   const size_t logits_at = append(batch.logits_rows);
   packed.push_back(0);  // never empty
