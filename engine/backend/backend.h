@@ -134,6 +134,9 @@ class Backend {
   virtual absl::Status BeginStep(const ForwardBatch& batch) = 0;
   // Waits until all work of the step is done (results may then be copied to the host).
   virtual absl::Status Synchronize() = 0;
+  // After an op of the step failed: drops what the step left pending (work not yet enqueued,
+  // host pointers into its output), so nothing of it runs later.
+  virtual void AbandonStep() {}
 
   // ---- ops (all on the current step's tokens) --------------------------------------------------
   // out[t] = table[token_ids[t]]

@@ -46,6 +46,13 @@ class DecoderRunner final : public ModelRunner {
   std::string backend_execution_summary() const override { return backend_->execution_summary(); }
 
   absl::StatusOr<ForwardOutput> Forward(const ForwardBatch& batch) override {
+    absl::StatusOr<ForwardOutput> output = RunStep(batch);
+    if (!output.ok()) backend_->AbandonStep();
+    return output;
+  }
+
+ private:
+  absl::StatusOr<ForwardOutput> RunStep(const ForwardBatch& batch) {
     const ModelConfig& config = model_->config;
     const ModelWeights& weights = model_->weights;
     const int64_t tokens = batch.num_tokens();
@@ -186,7 +193,6 @@ class DecoderRunner final : public ModelRunner {
     return output;
   }
 
- private:
   // Copies every MoE layer's expert ids and weights ([tokens, top_k] each) to the record, after
   // one Synchronize for the whole step: the layers lie one after another in act_, so two copies
   // (each a host synchronisation on a GPU) bring them all.

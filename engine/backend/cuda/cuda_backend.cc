@@ -121,14 +121,17 @@ class CudaBackend final : public Backend {
   }
   std::string execution_summary() const override {
     const auto& counters = graphs_.counters();
-    return absl::StrCat("cuda graphs: ", counters.captured, " captured, ", counters.replayed,
-                        " steps replayed, ", counters.eager, " graphable steps run eagerly, ",
-                        counters.capture_failures, " capture failures");
+    return absl::StrCat(
+        "cuda graphs: ", counters.captured, " captured, ", counters.replayed, " steps replayed, ",
+        counters.eager, " graphable steps run eagerly, ", counters.capture_failures,
+        " capture failures; cuBLASLt: ", lt_gemm_.num_plans(), " GEMM shapes planned, ",
+        lt_gemm_.num_unsupported(), " of them through cublasGemmEx");
   }
 
   // ---- memory ----------------------------------------------------------------------------------
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    graphs_.Clear();  // activations grow: graphs recorded on the old ones will not match again
     return AllocateOrExhausted(bytes, "activations");
   }
   absl::Status CopyToDevice(void* device_dst, const void* host_src, size_t bytes) override {
@@ -178,6 +181,8 @@ class CudaBackend final : public Backend {
   // ---- per step --------------------------------------------------------------------------------
 
   absl::Status BeginStep(const ForwardBatch& batch) override;
+
+  void AbandonStep() override { DropFailedStep().IgnoreError(); }
 
   absl::Status Synchronize() override {
     RETURN_IF_ERROR(RunStepLaunches());
@@ -449,6 +454,17 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(launches_.RunQueuedNow());
     graphs_.Clear();  // recorded on the memory about to be freed
     return scratch.Ensure(bytes, stream_.get());
+  }
+
+  // What a step that failed before its Synchronize leaves behind: launches it queued (never
+  // run), statistics slots pointing into its own (gone) output, and an expert-id error it
+  // flagged, which is its own and not the next step's.
+  absl::Status DropFailedStep() {
+    launches_.End();
+    if (pending_stats_.empty()) return absl::OkStatus();
+    pending_stats_.clear();
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_flag_.data(), 0, sizeof(int32_t), stream_.get()));
+    return absl::OkStatus();
   }
 
   // Runs a queueing step's launches (graph replay, capture, or one by one); see step_graphs.h.
@@ -759,8 +775,8 @@ absl::StatusOr<void*> CudaBackend::Upload(const void* data, size_t bytes) {
 }
 
 absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
-  launches_.End();  // whatever a failed step left queued never runs
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  RETURN_IF_ERROR(DropFailedStep());  // for callers that did not AbandonStep() a failed step
   const int64_t tokens = batch.num_tokens();
   if (keys_.empty()) return absl::FailedPreconditionError("cuda: no KV cache allocated");
   std::vector<int32_t> token_sequence;  // [tokens] sequence index, checked by ValidateBatch
@@ -774,12 +790,6 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
       std::all_of(batch.sequences.begin(), batch.sequences.end(),
                   [](const SequenceChunk& chunk) { return chunk.num_tokens == 1; });
   launches_.Begin(decode_only && tokens <= options_.graph_max_tokens);
-  if (!pending_stats_.empty()) {
-    // The previous step failed before its Synchronize: its statistics pointed into its own
-    // (gone) output, and an expert-id error it flagged was its own, not this step's.
-    pending_stats_.clear();
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(error_flag_.data(), 0, sizeof(int32_t), stream_.get()));
-  }
 
   // Mark the end of the previous step's work, switch to the other uploader and wait until the
   // step that last used it (two steps ago) is done with its metadata.
@@ -810,6 +820,7 @@ absl::Status CudaBackend::BeginStep(const ForwardBatch& batch) {
     up.overflow.clear();
     up.overflow_used = 0;
     const size_t size = std::max(needed, capacity) * 3 / 2;
+    graphs_.Clear();  // recorded on the metadata area about to be freed
     up.host = DeviceBuffer();
     up.device = DeviceBuffer();
     ASSIGN_OR_RETURN(up.host, AllocatePinned(size));
@@ -915,7 +926,7 @@ absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const
     });
   }
   // x = hi + lo in bf16 (lo dropped with bf16 activations): a cuBLASLt GEMM each, the second
-  // accumulating, the last adding the bias.
+  // accumulating, the last adding the bias in its epilogue.
   const bool hi_only = options_.bf16_activations && !exact;
   const size_t split_bytes = static_cast<size_t>(m * k) * sizeof(uint16_t);
   RETURN_IF_ERROR(EnsureScratch(split_hi_, split_bytes));
@@ -926,20 +937,31 @@ absl::Status CudaBackend::MatMul(Matrix x, const void* w, WeightType type, const
       "bf16_gemm", {x.data, x.stride, m, k, w, n, out.data, out.stride, hi, lo, bias},
       [=, this]() -> absl::Status {
         RETURN_IF_ERROR(Launched(LaunchSplitBf16(x.data, x.stride, m, k, hi, lo, stream_.get())));
-        LtGemmArgs args{.x = hi,
-                        .w = w,
-                        .m = m,
-                        .n = n,
-                        .k = k,
-                        .out = out.data,
-                        .out_stride = out.stride,
-                        .bias = hi_only ? bias : nullptr};
-        RETURN_IF_ERROR(lt_gemm_.Run(args, stream_.get()));
+        auto product = [&](const uint16_t* part, bool accumulate,
+                           const float* with_bias) -> absl::Status {
+          const LtGemmArgs args{.x = part,
+                                .w = w,
+                                .m = m,
+                                .n = n,
+                                .k = k,
+                                .out = out.data,
+                                .out_stride = out.stride,
+                                .bias = with_bias,
+                                .accumulate = accumulate};
+          ASSIGN_OR_RETURN(const bool ran, lt_gemm_.Run(args, stream_.get()));
+          if (ran) return absl::OkStatus();
+          // cuBLASLt has no algorithm for this shape and alignment: cuBLAS, and the bias apart.
+          const float one = 1.0f, zero = 0.0f;
+          CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k,
+                                              &one, w, CUDA_R_16BF, k, part, CUDA_R_16BF, k,
+                                              accumulate ? &one : &zero, out.data, CUDA_R_32F,
+                                              out.stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          if (with_bias == nullptr) return absl::OkStatus();
+          return Launched(LaunchAddBias(out.data, out.stride, m, n, with_bias, stream_.get()));
+        };
+        RETURN_IF_ERROR(product(hi, /*accumulate=*/false, hi_only ? bias : nullptr));
         if (hi_only) return absl::OkStatus();
-        args.x = lo;
-        args.bias = bias;
-        args.accumulate = true;
-        return lt_gemm_.Run(args, stream_.get());
+        return product(lo, /*accumulate=*/true, bias);
       });
 }
 
@@ -1255,12 +1277,16 @@ absl::Status CudaBackend::Attention(const AttentionParams& params, Matrix q, Mat
 CudaBackend::AttentionSplits CudaBackend::SplitKeys(int64_t blocks) const {
   // Split the key range when the tiles alone (`blocks` thread blocks per split) do not fill the
   // GPU (decode, long contexts). The geometry follows the longest context rounded up to a power
-  // of two (at least kMinKeysPerSplit), so it changes O(log context) times over a
-  // generation; splits past a sequence's context are empty and cost one early exit.
+  // of two (at least kMinKeysPerSplit) up to kFineBucket, then to a multiple of kFineBucket, so
+  // it changes every few thousand tokens of a generation, not every token; splits past a
+  // sequence's context are empty and cost one early exit.
   constexpr int32_t kKeyChunk = 32;
   constexpr int32_t kMinKeysPerSplit = 256;
+  constexpr int64_t kFineBucket = 2048;
   int64_t context = kMinKeysPerSplit;
-  while (context < max_context_) context *= 2;
+  while (context < max_context_ && context < kFineBucket) context *= 2;
+  if (context < max_context_)
+    context = (max_context_ + kFineBucket - 1) / kFineBucket * kFineBucket;
   AttentionSplits split;
   const int64_t target = 2 * int64_t{properties_.multiProcessorCount};
   if (blocks < target && context > kMinKeysPerSplit) {
@@ -1282,6 +1308,7 @@ CudaBackendOptions CudaBackendOptionsFromEnv() {
   options.moe_gemv_max_rows = EnvInt("MOE_CUDA_MOE_GEMV_MAX_ROWS", options.moe_gemv_max_rows);
   options.bf16_activations = EnvInt("MOE_CUDA_BF16_ACTIVATIONS", 0) != 0;
   options.graph_max_tokens = EnvInt("MOE_CUDA_GRAPH_MAX_TOKENS", options.graph_max_tokens);
+  options.graph_cache_size = EnvInt("MOE_CUDA_GRAPH_CACHE_SIZE", options.graph_cache_size);
   return options;
 }
 

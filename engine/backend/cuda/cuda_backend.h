@@ -25,10 +25,10 @@
 // graph captured from an earlier step of equal launches, captures one if such a step was seen
 // once before, or runs them one by one (step_graphs.h). A decode step is then one graph launch
 // instead of ~15 kernel launches per layer. Attention's split of the key range follows the
-// longest context rounded up to a power of two, so a step's launches stay the same over many
-// tokens (and graph and eager runs give the same bits). Embed() and GatherRows() validate ids on
-// the host from the step's batch; an out-of-range expert id from the router is reported by the next
-// Synchronize().
+// longest context rounded up (to a power of two, then to multiples of 2048), so a step's
+// launches stay the same over many tokens (and graph and eager runs give the same bits). Embed()
+// and GatherRows() validate ids on the host from the step's batch; an out-of-range expert id from
+// the router is reported by the next Synchronize().
 #pragma once
 
 #include <cstdint>
@@ -49,16 +49,16 @@ struct CudaBackendOptions {
   bool bf16_activations = false;
   // Decode-only steps of at most this many tokens run as CUDA graphs; 0 = never.
   int32_t graph_max_tokens = 64;
-  // Graphs kept, one per distinct step (batch size, context range, buffers); the least
-  // recently used is dropped beyond this.
-  int32_t graph_cache_size = 128;
+  // Graphs kept, one per distinct step (batch size, context range, buffers; two per batch size
+  // as two metadata areas take turns); the least recently used is dropped beyond this.
+  int32_t graph_cache_size = 256;
   // Said in device_description(): the backend was picked by --backend=auto.
   bool selected_by_auto = false;
 };
 
 // Options from the environment: MOE_CUDA_DEVICE, MOE_CUDA_GEMV_MAX_ROWS,
 // MOE_CUDA_MOE_GEMV_MAX_ROWS, MOE_CUDA_BF16_ACTIVATIONS=1, MOE_CUDA_GRAPH_MAX_TOKENS (0: no
-// CUDA graphs).
+// CUDA graphs), MOE_CUDA_GRAPH_CACHE_SIZE.
 CudaBackendOptions CudaBackendOptionsFromEnv();
 
 // Fails with FailedPrecondition when no GPU is visible (no driver, or no device).

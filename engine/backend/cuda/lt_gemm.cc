@@ -2,7 +2,6 @@
 
 #include <bit>
 
-#include "absl/strings/str_cat.h"
 #include "engine/backend/cuda/cuda_status.h"
 #include "engine/common/status_macros.h"
 
@@ -38,6 +37,7 @@ absl::Status LtGemm::Init(void* workspace, size_t workspace_bytes) {
   workspace_ = workspace;
   workspace_bytes_ = workspace_bytes;
   plans_.clear();
+  num_unsupported_ = 0;
   return absl::OkStatus();
 }
 
@@ -52,7 +52,10 @@ absl::StatusOr<LtGemm::Plan*> LtGemm::GetPlan(const LtGemmArgs& args) {
                     Alignment(args.out, args.out_stride * 4),
                     args.bias != nullptr ? Alignment(args.bias, 0) : 0};
   if (auto found = plans_.find(key); found != plans_.end()) return &found->second;
-  if (plans_.size() >= kMaxPlans) plans_.clear();
+  if (plans_.size() >= kMaxPlans) {
+    plans_.clear();
+    num_unsupported_ = 0;
+  }
 
   // Row-major out[m, n] = x[m, k] W[n, k]^T is column-major out^T[n, m] = W^T x^T: A = W stored
   // k x n (column-major, leading dimension k) and transposed, B = x stored k x m, C = D = out
@@ -95,22 +98,27 @@ absl::StatusOr<LtGemm::Plan*> LtGemm::GetPlan(const LtGemmArgs& args) {
       SetPreference(raw_preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_out));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoGetHeuristic(
+  // No algorithm comes back as NOT_SUPPORTED or as zero results, depending on the case.
+  const cublasStatus_t searched = cublasLtMatmulAlgoGetHeuristic(
       handle_.get(), desc, plan.w.get(), plan.x.get(), plan.out.get(), plan.out.get(),
-      raw_preference, 1, &result, &found));
-  if (found == 0) {
-    return absl::NotFoundError(
-        absl::StrCat("cuBLASLt has no algorithm for bf16 [", args.m, ", ", args.k, "] x [", args.k,
-                     ", ", args.n, "] -> f32 (row stride ", args.out_stride, ", alignments x ",
-                     key.align_x, " w ", key.align_w, " out ", key.align_out, ")"));
+      raw_preference, 1, &result, &found);
+  if (searched != CUBLAS_STATUS_SUCCESS && searched != CUBLAS_STATUS_NOT_SUPPORTED) {
+    CUBLAS_RETURN_IF_ERROR(searched);
   }
-  plan.algo = result.algo;
+  if (searched == CUBLAS_STATUS_SUCCESS && found > 0) {
+    plan.supported = true;
+    plan.algo = result.algo;
+  } else {
+    plan = Plan();
+    ++num_unsupported_;
+  }
   auto [inserted, unused] = plans_.emplace(key, std::move(plan));
   return &inserted->second;
 }
 
-absl::Status LtGemm::Run(const LtGemmArgs& args, cudaStream_t stream) {
+absl::StatusOr<bool> LtGemm::Run(const LtGemmArgs& args, cudaStream_t stream) {
   ASSIGN_OR_RETURN(Plan * plan, GetPlan(args));
+  if (!plan->supported) return false;
   if (args.bias != nullptr) {
     CUBLAS_RETURN_IF_ERROR(SetDesc(plan->desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                    static_cast<const void*>(args.bias)));
@@ -120,7 +128,7 @@ absl::Status LtGemm::Run(const LtGemmArgs& args, cudaStream_t stream) {
                                         plan->w.get(), args.x, plan->x.get(), &beta, args.out,
                                         plan->out.get(), args.out, plan->out.get(), &plan->algo,
                                         workspace_, workspace_bytes_, stream));
-  return absl::OkStatus();
+  return true;
 }
 
 }  // namespace moe::cuda

@@ -31,7 +31,13 @@ class LtGemm {
  public:
   // `workspace` (device memory) may be shared with cuBLAS work ordered on the same stream.
   absl::Status Init(void* workspace, size_t workspace_bytes);
-  absl::Status Run(const LtGemmArgs& args, cudaStream_t stream);
+  // Enqueues the product; false when cuBLASLt offers no algorithm for this shape and alignment
+  // (asked once per shape), and the caller computes it another way.
+  absl::StatusOr<bool> Run(const LtGemmArgs& args, cudaStream_t stream);
+
+  // Shapes planned so far, and how many of them cuBLASLt had no algorithm for.
+  int64_t num_plans() const { return static_cast<int64_t>(plans_.size()); }
+  int64_t num_unsupported() const { return num_unsupported_; }
 
  private:
   using Layout = UniqueHandle<ReleasedBy<cublasLtMatrixLayout_t, &cublasLtMatrixLayoutDestroy>>;
@@ -51,6 +57,7 @@ class LtGemm {
     }
   };
   struct Plan {
+    bool supported = false;  // false: no algorithm (the handles are empty)
     MatmulDesc desc;
     Layout w, x, out;  // A = W (transposed), B = x, C = D = out, column-major views
     cublasLtMatmulAlgo_t algo;
@@ -62,6 +69,7 @@ class LtGemm {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   absl::flat_hash_map<PlanKey, Plan> plans_;
+  int64_t num_unsupported_ = 0;
 };
 
 }  // namespace moe::cuda
