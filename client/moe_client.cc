@@ -1,6 +1,6 @@
 // moe-client: command-line client of moe-serve.
 //
-//   moe-client generate "Once upon a time" [--max_tokens=64 --temperature=0 --json ...]
+//   moe-client generate "Once upon a time" [--max_tokens=64 --temperature=0 --n=1 --json ...]
 //   moe-client tokenize "some text"
 //   moe-client info
 //   moe-client stats [--since_start]
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -50,6 +51,9 @@ ABSL_FLAG(bool, ignore_eos, false, "generate: keep going past EOS");
 ABSL_FLAG(int32_t, logprobs, 0, "generate: top log-probabilities per token (0..20)");
 ABSL_FLAG(bool, routing, false, "generate: return per-token expert routing (with --json)");
 ABSL_FLAG(std::string, request_id, "", "generate: request id");
+ABSL_FLAG(int32_t, n, 1,
+          "generate: completions of the prompt (1..16); with n > 1 each one's text is printed "
+          "when it finishes, prefixed by [index] (--json: lines carry \"index\")");
 // tokenize
 ABSL_FLAG(bool, pieces, false, "tokenize: print the token strings too");
 ABSL_FLAG(bool, no_special, false, "tokenize/generate: do not add special tokens (BOS)");
@@ -99,6 +103,18 @@ const char* FinishName(v1::FinishReason reason) {
   }
 }
 
+// The summary of a finished completion (stderr): finish reason, usage, timing.
+void PrintSummary(const v1::GenerateResponse& last, const std::string& prefix) {
+  const v1::Usage& u = last.usage();
+  std::fprintf(stderr,
+               "%s[finish=%s prompt_tokens=%d completion_tokens=%d cached=%d ttft=%.1fms "
+               "total=%.1fms]\n",
+               prefix.c_str(), FinishName(last.finish_reason()), u.prompt_tokens(),
+               u.completion_tokens(), u.cached_prompt_tokens(),
+               last.timing().time_to_first_token_seconds() * 1e3,
+               last.timing().total_seconds() * 1e3);
+}
+
 int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   v1::GenerateRequest request;
   const std::string ids = absl::GetFlag(FLAGS_token_ids);
@@ -131,8 +147,12 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   for (const std::string& s : absl::GetFlag(FLAGS_stop)) stop->add_stop_strings(s);
   request.set_logprobs(absl::GetFlag(FLAGS_logprobs));
   request.set_return_routing(absl::GetFlag(FLAGS_routing));
+  const int32_t n = absl::GetFlag(FLAGS_n);
+  if (n != 1) request.set_n(n);
 
   const bool json = absl::GetFlag(FLAGS_json);
+  // n > 1 (text output): each completion's text until its last response, then printed whole.
+  std::map<int32_t, std::string> texts;
   grpc::ClientContext context;
   SetDeadline(context);
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
@@ -145,6 +165,7 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
                              {"token_ids", std::vector<int32_t>(response.token_ids().begin(),
                                                                 response.token_ids().end())},
                              {"text", response.text()}};
+      if (n > 1) line["index"] = response.index();
       if (response.logprobs_size() > 0) {
         nlohmann::json lps = nlohmann::json::array();
         for (const auto& lp : response.logprobs()) {
@@ -186,6 +207,14 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
       }
       std::printf("%s\n",
                   line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else if (n > 1) {
+      const int32_t index = response.index();
+      texts[index] += response.text();
+      if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        std::printf("[%d] %s\n", index, texts[index].c_str());
+        std::fflush(stdout);
+        PrintSummary(response, absl::StrCat("[", index, "] "));
+      }
     } else {
       std::fwrite(response.text().data(), 1, response.text().size(), stdout);
     }
@@ -194,18 +223,12 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   }
   const grpc::Status status = reader->Finish();
   if (!status.ok()) {
-    if (!json) std::printf("\n");
+    if (!json && n <= 1) std::printf("\n");
     return Fail(status);
   }
-  if (!json) {
-    const v1::Usage& u = last.usage();
+  if (!json && n <= 1) {
     std::printf("\n");
-    std::fprintf(stderr,
-                 "[finish=%s prompt_tokens=%d completion_tokens=%d cached=%d ttft=%.1fms "
-                 "total=%.1fms]\n",
-                 FinishName(last.finish_reason()), u.prompt_tokens(), u.completion_tokens(),
-                 u.cached_prompt_tokens(), last.timing().time_to_first_token_seconds() * 1e3,
-                 last.timing().total_seconds() * 1e3);
+    PrintSummary(last, "");
   }
   return 0;
 }
@@ -337,7 +360,7 @@ int main(int argc, char** argv) {
       {"client/moe_client.cc", "client/connection.cc"},
       "moe-client COMMAND [ARGS] [flags]\n"
       "  generate PROMPT   stream generated text to stdout (--json: one JSON object per "
-      "response; --token_ids=1,2,3 instead of PROMPT)\n"
+      "response; --token_ids=1,2,3 instead of PROMPT; --n=N: N completions)\n"
       "  tokenize TEXT     print token ids (--pieces: with their strings)\n"
       "  info              the model: architecture, parameters, backend, limits\n"
       "  stats             expert-load heatmap, layers x experts, and imbalance figures\n"

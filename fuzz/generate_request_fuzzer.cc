@@ -3,7 +3,8 @@
 // failed parse, BuildEngineRequest with the demo tokenizer and limits like the server's).
 // Checks: no crash; every refusal is INVALID_ARGUMENT or FAILED_PRECONDITION with a message;
 // an accepted request has a prompt of 1..max_prompt_tokens ids inside the vocabulary, room for
-// its max_tokens in the context, and sampling parameters the engine's own Validate accepts.
+// its max_tokens in the context, sampling parameters the engine's own Validate accepts, and n
+// within [0, kMaxCompletions].
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -39,8 +40,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data), size);
   // Every other input without a tokenizer (token-id prompts only).
   const bool with_tokenizer = size == 0 || data[size - 1] % 2 == 0;
-  absl::StatusOr<moe::GenerateRequest> request =
-      moe::server::ParseGenerateRequest(bytes, with_tokenizer ? &tokenizer : nullptr, limits);
+  moe::serving::v1::GenerateRequest parsed;
+  absl::StatusOr<moe::GenerateRequest> request = moe::server::ParseGenerateRequest(
+      bytes, with_tokenizer ? &tokenizer : nullptr, limits, &parsed);
   if (!request.ok()) {
     const absl::StatusCode code = request.status().code();
     Check(
@@ -58,5 +60,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Check(sampling.max_tokens >= 1 && prompt + sampling.max_tokens <= limits.context_length,
         "prompt + max_tokens fits the context");
   Check(sampling.Validate(limits.vocab_size).ok(), "the engine accepts the sampling parameters");
+  Check(parsed.n() >= 0 && parsed.n() <= moe::server::kMaxCompletions, "0 <= n <= 16");
   return 0;
 }

@@ -1,9 +1,11 @@
 #include "server/inference_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -60,8 +62,9 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
 
 }  // namespace
 
-// One Generate call. Engine-side state lives in `Shared` (the sink holds a reference, so an
-// event arriving after the call is done finds `call == nullptr` and is dropped).
+// One Generate call of n >= 1 completions, each an engine request of its own. Engine-side state
+// lives in `Shared` (every completion's sink holds a reference, so an event arriving after the
+// call is done finds `call == nullptr` and is dropped).
 // StartWrite / StartWriteAndFinish / Finish are called with shared_->mu held: gRPC 1.51 never
 // runs OnWriteDone or OnDone inline from them (their tags are not inlineable; OnDone goes to
 // the executor), so the reactions cannot re-enter the lock.
@@ -76,7 +79,7 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
     if (const ServingModel* model = service_->model_if_loaded();
         model != nullptr && model->on_request) {
       absl::MutexLock lock(&shared_->mu);
-      shared_->observer = model->on_request(arrival_);
+      shared_->observed[0].observer = model->on_request(arrival_);
     }
     if (grpc::Status auth = service_->Authenticate(*context_); !auth.ok()) {
       absl::MutexLock lock(&shared_->mu);
@@ -119,33 +122,60 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
   }
 
   void OnDone() override {
-    int64_t engine_id = -1;
+    std::vector<int64_t> engine_ids;
     {
       absl::MutexLock lock(&shared_->mu);
       shared_->call = nullptr;
-      engine_id = engine_id_;
+      for (const Completion& completion : completions_) {
+        engine_ids.push_back(completion.engine_id);
+      }
     }
     InferenceService* service = service_;
     delete this;
-    service->CallDone(engine_id);
+    service->CallDone(engine_ids);
   }
 
  private:
   struct Shared {
+    // What the hooks (metrics) need of one completion: it is one request for them, reported
+    // once the call's status is known and the engine is done with it.
+    struct Observed {
+      std::unique_ptr<RequestObserver> observer;
+      bool in_engine = false;
+      bool engine_done = false;
+      RequestEvent final_event;  // metadata only
+    };
+
     absl::Mutex mu;
     GenerateCall* call ABSL_GUARDED_BY(mu) = nullptr;
-    // Hooks (metrics): reported once the status is known and the engine is done with it.
-    std::unique_ptr<RequestObserver> observer ABSL_GUARDED_BY(mu);
-    bool in_engine ABSL_GUARDED_BY(mu) = false;
-    bool engine_done ABSL_GUARDED_BY(mu) = false;
-    RequestEvent final_event ABSL_GUARDED_BY(mu);  // metadata only
+    // One per completion. [0] exists from the call's arrival, so a call refused before it is
+    // submitted reports as one request; the others get an observer when they are submitted.
+    std::vector<Observed> observed ABSL_GUARDED_BY(mu) = std::vector<Observed>(1);
     std::optional<grpc::StatusCode> code ABSL_GUARDED_BY(mu);
 
     void MaybeReportLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-      if (observer == nullptr || !code.has_value() || (in_engine && !engine_done)) return;
-      observer->OnFinished(in_engine ? &final_event : nullptr, *code, absl::Now());
-      observer.reset();
+      if (!code.has_value()) return;
+      for (Observed& o : observed) {
+        if (o.observer == nullptr || (o.in_engine && !o.engine_done)) continue;
+        o.observer->OnFinished(o.in_engine ? &o.final_event : nullptr, *code, absl::Now());
+        o.observer.reset();
+      }
     }
+  };
+
+  // The stream state of one completion (guarded by shared_->mu).
+  struct Completion {
+    int64_t engine_id = -1;  // -1 until submitted
+    v1::GenerateResponse pending;
+    bool final_event = false;   // the engine's final event arrived
+    bool last_written = false;  // its last response was handed to gRPC
+    grpc::Status final_status;
+    FinishReason reason = FinishReason::kLength;
+    absl::Time first_token_time = absl::InfinitePast();
+    int32_t prompt_tokens = 0;
+    int32_t completion_tokens = 0;
+    int32_t cached_tokens = 0;
+    absl::Duration queue_time;
   };
 
   // The final event without its tokens, text and routing.
@@ -189,55 +219,86 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
     return_prompt_routing_ = request.return_prompt_routing();
     num_moe_layers_ = model->info.num_moe_layers();
     prompt_tokens_ = static_cast<int32_t>(engine_request->prompt_token_ids.size());
-    pending_.set_request_id(request_id_);
+    // Every completion exists before the first is submitted, so the call cannot end OK while
+    // some are still to be submitted.
+    const int n = std::max(1, request.n());
+    completions_.resize(n);
+    shared_->observed.resize(n);
+    unwritten_ = n;
+    for (int i = 0; i < n; ++i) {
+      completions_[i].prompt_tokens = prompt_tokens_;
+      completions_[i].pending.set_request_id(request_id_);
+      completions_[i].pending.set_index(i);
+    }
+    for (int i = 0; i < n; ++i) {
+      GenerateRequest copy = i + 1 < n ? *engine_request : *std::move(engine_request);
+      if (copy.sampling.seed.has_value()) *copy.sampling.seed += static_cast<uint64_t>(i);
+      if (!SubmitLocked(i, std::move(copy))) return;
+    }
+  }
 
+  // Submits completion `index`; false when the call ends: the engine refused it (the call fails
+  // with that status and the completions before it are cancelled), or the call failed or was
+  // cancelled meanwhile.
+  bool SubmitLocked(int index, GenerateRequest engine_request) {
+    if (index > 0 && model_->on_request) {
+      shared_->observed[index].observer = model_->on_request(arrival_);
+    }
     std::shared_ptr<Shared> shared = shared_;
-    EventSink sink = [shared](RequestEvent event) {
+    EventSink sink = [shared, index](RequestEvent event) {
       absl::MutexLock lock(&shared->mu);
+      Shared::Observed& observed = shared->observed[index];
       const bool finished = event.finished;
-      if (shared->observer != nullptr && !event.tokens.empty()) {
-        shared->observer->OnTokens(static_cast<int32_t>(event.tokens.size()), absl::Now());
+      if (observed.observer != nullptr && !event.tokens.empty()) {
+        observed.observer->OnTokens(static_cast<int32_t>(event.tokens.size()), absl::Now());
       }
       if (finished) {
-        shared->engine_done = true;
-        shared->final_event = Metadata(event);
+        observed.engine_done = true;
+        observed.final_event = Metadata(event);
       }
-      if (shared->call != nullptr) shared->call->OnEventLocked(std::move(event));
+      if (shared->call != nullptr) shared->call->OnEventLocked(index, std::move(event));
       if (finished) shared->MaybeReportLocked();
     };
-    shared_->in_engine = true;  // until Submit says otherwise
+    shared_->observed[index].in_engine = true;  // until Submit says otherwise
     // The engine may call the sink before Submit returns: release the lock meanwhile.
     shared_->mu.Unlock();
-    absl::StatusOr<int64_t> id = model->engine->Submit(*std::move(engine_request), sink);
+    absl::StatusOr<int64_t> id = model_->engine->Submit(std::move(engine_request), sink);
     shared_->mu.Lock();
     if (!id.ok()) {
-      shared_->in_engine = false;
-      FinishLocked(
+      shared_->observed[index].in_engine = false;
+      shared_->MaybeReportLocked();  // in case the call ended meanwhile
+      FailLocked(
           ToGrpcStatus(id.status()),
           id.status().code() == absl::StatusCode::kResourceExhausted ? "overloaded" : "refused");
-      return;
+      return false;
     }
-    engine_id_ = *id;
-    Engine* engine = model->engine;
-    service_->Register(engine_id_, [shared, engine, id = engine_id_] {
+    completions_[index].engine_id = *id;
+    Engine* engine = model_->engine;
+    service_->Register(*id, [shared, engine, id = *id] {
       {
         absl::MutexLock lock(&shared->mu);
         if (shared->call != nullptr) shared->call->shutdown_cancel_ = true;
       }
       engine->Cancel(id);
     });
-    if (cancel_requested_) CancelInEngine();
+    if (cancel_requested_ || finished_) {
+      CancelInEngine();
+      return false;
+    }
+    return true;
   }
 
   // Engine thread, under shared_->mu.
-  void OnEventLocked(RequestEvent event) {
+  void OnEventLocked(int index, RequestEvent event) {
     if (finished_) return;
+    Completion& completion = completions_[index];
+    v1::GenerateResponse& pending = completion.pending;
     const absl::Time now = absl::Now();
     for (const GeneratedToken& token : event.tokens) {
-      if (first_token_time_ == absl::InfinitePast()) first_token_time_ = now;
-      pending_.add_token_ids(token.token_id);
+      if (completion.first_token_time == absl::InfinitePast()) completion.first_token_time = now;
+      pending.add_token_ids(token.token_id);
       if (model_ != nullptr && !token.top_logprobs.empty()) {
-        v1::GeneratedTokenLogprobs* lp = pending_.add_logprobs();
+        v1::GeneratedTokenLogprobs* lp = pending.add_logprobs();
         lp->mutable_chosen()->set_token_id(token.token_id);
         lp->mutable_chosen()->set_logprob(token.logprob);
         for (const TokenLogprob& top : token.top_logprobs) {
@@ -247,10 +308,10 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
         }
       }
     }
-    pending_.mutable_text()->append(event.text);
+    pending.mutable_text()->append(event.text);
     for (const TokenRouting& routing : event.routing) {
       if (!return_prompt_routing_ && routing.position < prompt_tokens_) continue;
-      v1::TokenRouting* out = pending_.add_routing();
+      v1::TokenRouting* out = pending.add_routing();
       out->set_position(routing.position);
       const int32_t layers = num_moe_layers_;
       const size_t top_k = layers > 0 ? routing.expert_ids.size() / layers : 0;
@@ -268,19 +329,19 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
       MaybeWriteLocked();
       return;
     }
-    final_event_ = true;
-    reason_ = event.finish_reason;
-    prompt_tokens_ = event.num_prompt_tokens;
-    completion_tokens_ = event.num_generated_tokens;
-    cached_tokens_ = event.num_cached_prompt_tokens;
-    queue_time_ = event.queue_time;
+    completion.final_event = true;
+    completion.reason = event.finish_reason;
+    completion.prompt_tokens = event.num_prompt_tokens;
+    completion.completion_tokens = event.num_generated_tokens;
+    completion.cached_tokens = event.num_cached_prompt_tokens;
+    completion.queue_time = event.queue_time;
     switch (event.finish_reason) {
       case FinishReason::kStopToken:
       case FinishReason::kStopString:
       case FinishReason::kLength: {
-        pending_.set_finish_reason(ToProto(event.finish_reason));
-        pending_.set_matched_stop_string(event.matched_stop_string);
-        v1::Usage* usage = pending_.mutable_usage();
+        pending.set_finish_reason(ToProto(event.finish_reason));
+        pending.set_matched_stop_string(event.matched_stop_string);
+        v1::Usage* usage = pending.mutable_usage();
         usage->set_prompt_tokens(event.num_prompt_tokens);
         usage->set_completion_tokens(event.num_generated_tokens);
         usage->set_cached_prompt_tokens(event.num_cached_prompt_tokens);
@@ -289,20 +350,20 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
         usage->set_active_parameters_used(active * (static_cast<int64_t>(event.num_prompt_tokens) -
                                                     event.num_cached_prompt_tokens +
                                                     event.num_generated_tokens));
-        v1::Timing* timing = pending_.mutable_timing();
-        if (first_token_time_ != absl::InfinitePast()) {
+        v1::Timing* timing = pending.mutable_timing();
+        if (completion.first_token_time != absl::InfinitePast()) {
           timing->set_time_to_first_token_seconds(
-              absl::ToDoubleSeconds(first_token_time_ - arrival_));
+              absl::ToDoubleSeconds(completion.first_token_time - arrival_));
         }
         timing->set_total_seconds(absl::ToDoubleSeconds(now - arrival_));
         timing->set_queue_seconds(absl::ToDoubleSeconds(event.queue_time));
         timing->set_prefill_seconds(absl::ToDoubleSeconds(event.prefill_time));
         timing->set_decode_seconds(absl::ToDoubleSeconds(event.decode_time));
-        final_status_ = grpc::Status::OK;
+        completion.final_status = grpc::Status::OK;
         break;
       }
       case FinishReason::kCancelled:
-        final_status_ =
+        completion.final_status =
             shutdown_cancel_
                 ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                "the server is shutting down and its drain timeout passed before "
@@ -310,48 +371,81 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
                 : grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled");
         break;
       case FinishReason::kDeadline:
-        final_status_ = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                     "the request's deadline passed during generation");
+        completion.final_status = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                               "the request's deadline passed during generation");
         break;
       case FinishReason::kError:
-        final_status_ =
+        completion.final_status =
             ToGrpcStatus(event.status.ok() ? absl::InternalError("engine error") : event.status);
         break;
     }
+    if (completion.final_status.ok()) {
+      MaybeWriteLocked();
+    } else {
+      FailLocked(completion.final_status, "");
+    }
+  }
+
+  // Ends the call with `status` as soon as no write is in flight, and cancels the completions
+  // still in the engine. The first failure decides (the cancelled ones' own events then
+  // change nothing).
+  void FailLocked(const grpc::Status& status, absl::string_view what) {
+    if (!failure_.has_value()) {
+      failure_ = status;
+      failure_what_ = std::string(what);
+    }
+    CancelInEngine();
     MaybeWriteLocked();
   }
 
-  // Sends what is pending if no write is in flight; the last message goes with Finish.
+  // Sends what is pending if no write is in flight, taking the completions in turn from the
+  // one after the last written; the last message (of the last completion to finish) goes with
+  // Finish. A failed completion ends the call with its status.
   void MaybeWriteLocked() {
     if (finished_ || write_in_flight_) return;
-    if (final_event_) {
-      if (final_status_.ok()) {
-        Serialize();
-        LogLocked("ok");
-        finished_ = true;
-        shared_->code = grpc::StatusCode::OK;
-        shared_->MaybeReportLocked();
-        StartWriteAndFinish(&in_flight_, grpc::WriteOptions(), grpc::Status::OK);
-      } else {
-        FinishLocked(final_status_, "");
+    if (failure_.has_value()) {
+      FinishLocked(*failure_, failure_what_);
+      return;
+    }
+    const int n = static_cast<int>(completions_.size());
+    for (int k = 0; k < n; ++k) {
+      const int index = (next_write_ + k) % n;
+      Completion& completion = completions_[index];
+      const v1::GenerateResponse& pending = completion.pending;
+      if (completion.last_written) continue;
+      if (completion.final_event) {
+        completion.last_written = true;
+        if (--unwritten_ == 0) {
+          Serialize(completion);
+          LogLocked("ok");
+          finished_ = true;
+          shared_->code = grpc::StatusCode::OK;
+          shared_->MaybeReportLocked();
+          StartWriteAndFinish(&in_flight_, grpc::WriteOptions(), grpc::Status::OK);
+          return;
+        }
+      } else if (pending.token_ids_size() == 0 && pending.text().empty() &&
+                 pending.routing_size() == 0) {
+        continue;
       }
+      Serialize(completion);
+      next_write_ = (index + 1) % n;
+      write_in_flight_ = true;
+      StartWrite(&in_flight_);
       return;
     }
-    if (pending_.token_ids_size() == 0 && pending_.text().empty() && pending_.routing_size() == 0) {
-      return;
-    }
-    Serialize();
-    pending_.set_request_id(request_id_);
-    write_in_flight_ = true;
-    StartWrite(&in_flight_);
   }
 
-  // pending_ -> in_flight_ (bytes); pending_ is cleared.
-  void Serialize() {
+  // completion.pending -> in_flight_ (bytes); pending keeps only its request id and index.
+  void Serialize(Completion& completion) {
     bool own = false;
     in_flight_.Clear();
-    grpc::SerializationTraits<v1::GenerateResponse>::Serialize(pending_, &in_flight_, &own);
-    pending_.Clear();
+    grpc::SerializationTraits<v1::GenerateResponse>::Serialize(completion.pending, &in_flight_,
+                                                               &own);
+    const int32_t index = completion.pending.index();
+    completion.pending.Clear();
+    completion.pending.set_request_id(request_id_);
+    completion.pending.set_index(index);
   }
 
   void FinishLocked(const grpc::Status& status, absl::string_view what) {
@@ -363,31 +457,45 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
     Finish(status);
   }
 
+  // Cancels every submitted completion the engine has not finished.
   void CancelInEngine() {
     cancel_requested_ = true;
-    if (engine_id_ >= 0 && model_ != nullptr && !final_event_) model_->engine->Cancel(engine_id_);
+    if (model_ == nullptr) return;
+    for (const Completion& completion : completions_) {
+      if (completion.engine_id >= 0 && !completion.final_event) {
+        model_->engine->Cancel(completion.engine_id);
+      }
+    }
   }
 
+  // One line per completion.
   void LogLocked(absl::string_view what, const grpc::Status* status = nullptr) {
     if (!service_->log_requests_) return;
     const absl::Time now = absl::Now();
     const int code = status ? static_cast<int>(status->error_code()) : 0;
-    std::string finish = std::string(what);
-    if (final_event_) finish = std::string(FinishReasonName(reason_));
-    const double ttft_ms = first_token_time_ == absl::InfinitePast()
-                               ? -1.0
-                               : absl::ToDoubleMilliseconds(first_token_time_ - arrival_);
-    std::string line = absl::StrFormat(
-        "request id=%s engine_id=%d prompt_tokens=%d completion_tokens=%d cached_tokens=%d "
-        "queue_ms=%.2f ttft_ms=%.2f total_ms=%.2f finish=%s code=%d",
-        request_id_, engine_id_, prompt_tokens_, completion_tokens_, cached_tokens_,
-        absl::ToDoubleMilliseconds(queue_time_), ttft_ms,
-        absl::ToDoubleMilliseconds(now - arrival_), finish, code);
-    if (status != nullptr && !status->ok()) {
-      absl::StrAppend(&line, " message=\"", status->error_message(), "\"");
+    std::string lines;
+    for (size_t i = 0; i < completions_.size(); ++i) {
+      const Completion& completion = completions_[i];
+      std::string finish = std::string(what);
+      if (completion.final_event) finish = std::string(FinishReasonName(completion.reason));
+      const double ttft_ms =
+          completion.first_token_time == absl::InfinitePast()
+              ? -1.0
+              : absl::ToDoubleMilliseconds(completion.first_token_time - arrival_);
+      absl::StrAppendFormat(
+          &lines,
+          "request id=%s index=%d engine_id=%d prompt_tokens=%d completion_tokens=%d "
+          "cached_tokens=%d queue_ms=%.2f ttft_ms=%.2f total_ms=%.2f finish=%s code=%d",
+          request_id_, i, completion.engine_id, completion.prompt_tokens,
+          completion.completion_tokens, completion.cached_tokens,
+          absl::ToDoubleMilliseconds(completion.queue_time), ttft_ms,
+          absl::ToDoubleMilliseconds(now - arrival_), finish, code);
+      if (status != nullptr && !status->ok()) {
+        absl::StrAppend(&lines, " message=\"", status->error_message(), "\"");
+      }
+      lines += "\n";
     }
-    line += "\n";
-    std::fputs(line.c_str(), stderr);
+    std::fputs(lines.c_str(), stderr);
   }
 
   InferenceService* const service_;
@@ -398,24 +506,22 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
   // Guarded by shared_->mu.
   const ServingModel* model_ = nullptr;
   std::string request_id_;
-  int64_t engine_id_ = -1;
   absl::Time deadline_ = absl::InfiniteFuture();
   bool return_prompt_routing_ = false;
   int32_t num_moe_layers_ = 0;
-  v1::GenerateResponse pending_;
+  int32_t prompt_tokens_ = 0;
+  // One per completion; one until Start knows n (a call refused before logs one line).
+  std::vector<Completion> completions_ = std::vector<Completion>(1);
+  int unwritten_ = 1;   // completions whose last response was not yet handed to gRPC
+  int next_write_ = 0;  // the completion whose turn it is to write
+  // The first failure (a completion's, or a refused submission's) and what to log for it.
+  std::optional<grpc::Status> failure_;
+  std::string failure_what_;
   grpc::ByteBuffer in_flight_;
   bool write_in_flight_ = false;
-  bool final_event_ = false;
   bool finished_ = false;
   bool cancel_requested_ = false;
   bool shutdown_cancel_ = false;
-  grpc::Status final_status_;
-  FinishReason reason_ = FinishReason::kLength;
-  absl::Time first_token_time_ = absl::InfinitePast();
-  int32_t prompt_tokens_ = 0;
-  int32_t completion_tokens_ = 0;
-  int32_t cached_tokens_ = 0;
-  absl::Duration queue_time_;
 };
 
 InferenceService::~InferenceService() = default;
@@ -496,10 +602,12 @@ void InferenceService::CallStarted() {
   ++active_calls_;
 }
 
-void InferenceService::CallDone(int64_t engine_id) {
+void InferenceService::CallDone(absl::Span<const int64_t> engine_ids) {
   absl::MutexLock lock(&mu_);
   --active_calls_;
-  if (engine_id >= 0) shutdown_cancels_.erase(engine_id);
+  for (int64_t engine_id : engine_ids) {
+    if (engine_id >= 0) shutdown_cancels_.erase(engine_id);
+  }
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Generate(

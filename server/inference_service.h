@@ -4,7 +4,9 @@
 // the sink only appends the event to the stream's pending response (coalescing tokens, text,
 // logprobs and routing) and starts a write if none is in flight. The write-done callback (a
 // gRPC thread) sends whatever accumulated meanwhile. So a slow reader costs the engine nothing
-// and its pending data is bounded by its own max_tokens.
+// and its pending data is bounded by its own max_tokens. A call with n completions submits n
+// engine requests, each with its own sink and pending response; the writes take the
+// completions with something to send in turn (still one write in flight).
 //
 // Lifecycle: the service answers UNAVAILABLE until SetEngine() (model loading) and again once
 // StartDrain() was called; CancelAll() ends what is still running (UNAVAILABLE).
@@ -20,6 +22,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "engine/engine.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "moe/serving/v1/inference.grpc.pb.h"
@@ -101,7 +104,8 @@ class InferenceService final : public InferenceServiceBase {
 
   void Register(int64_t engine_id, std::function<void()> cancel);
   void CallStarted();
-  void CallDone(int64_t engine_id);
+  // `engine_ids`: the call's engine requests (one per completion; -1 = never submitted).
+  void CallDone(absl::Span<const int64_t> engine_ids);
 
   ServingModel model_;
   std::atomic<bool> ready_{false};

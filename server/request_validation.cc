@@ -340,6 +340,10 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
                    absl::StrCat("must be in [", -kMaxPriority, ", ", kMaxPriority, "]"));
   }
   out.priority = request.priority();
+  if (request.n() < 0 || request.n() > kMaxCompletions) {
+    return Invalid("n", request.n(),
+                   absl::StrCat("must be in [0, ", kMaxCompletions, "] (0 = 1 completion)"));
+  }
   return out;
 }
 

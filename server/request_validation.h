@@ -28,6 +28,9 @@ inline constexpr int32_t kDefaultMaxTokens = 16;
 inline constexpr int32_t kMaxRequestIdBytes = 128;
 inline constexpr int32_t kMaxPriority = 1000;
 inline constexpr int32_t kMaxStopTokenIds = 1024;
+// GenerateRequest.n at most: each completion is an engine request of its own, so this bounds
+// the queue slots and KV blocks one call can take.
+inline constexpr int32_t kMaxCompletions = 16;
 // Text longer than max_prompt_tokens x this many bytes cannot fit the prompt budget with any
 // real vocabulary; refusing it before encoding bounds the CPU a request can cost.
 inline constexpr int64_t kMaxPromptBytesPerToken = 64;
@@ -54,7 +57,8 @@ absl::StatusOr<GenerateRequest> ParseGenerateRequest(
     const std::string& bytes, const Tokenizer* tokenizer, const RequestLimits& limits,
     serving::v1::GenerateRequest* parsed = nullptr);
 
-// `tokenizer` may be null (token-id prompts only).
+// `tokenizer` may be null (token-id prompts only). Checks `n` too, but returns one engine
+// request: the caller makes the n copies (and their seeds).
 absl::StatusOr<GenerateRequest> BuildEngineRequest(const serving::v1::GenerateRequest& request,
                                                    const Tokenizer* tokenizer,
                                                    const RequestLimits& limits);

@@ -119,6 +119,21 @@ class GrpcPythonTest(unittest.TestCase):
             check=True, capture_output=True, text=True).stdout
         cpp_ids = [t for line in out.splitlines() for t in json.loads(line)["token_ids"]]
         self.assertEqual(cpp_ids, ids)
+        # Two greedy completions (--n=2): both the same tokens, told apart by "index"; the text
+        # output prints each completion once it finishes, prefixed by its index.
+        client = [os.path.join(BUILD_DIR, "client", "moe-client"), f"--target={self.server.target}",
+                  "generate", "--max_tokens=24", "--ignore_eos", "--temperature=0", "--n=2",
+                  f"--token_ids={','.join(map(str, tokens.token_ids))}"]
+        out = subprocess.run(client + ["--json"], check=True, capture_output=True,
+                             text=True).stdout
+        by_index = {0: [], 1: []}
+        for line in out.splitlines():
+            response = json.loads(line)
+            by_index[response["index"]] += response["token_ids"]
+        self.assertEqual(by_index, {0: ids, 1: ids})
+        out = subprocess.run(client, check=True, capture_output=True, text=True).stdout
+        lines = ["[0] " + text + "\n", "[1] " + text + "\n"]  # in the order they finish
+        self.assertIn(out, [lines[0] + lines[1], lines[1] + lines[0]])
 
     def test_c_invalid_field(self):
         with self.assertRaises(grpc.RpcError) as error:

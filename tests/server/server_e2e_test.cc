@@ -508,10 +508,72 @@ INSTANTIATE_TEST_SUITE_P(
         InvalidCase{"RequestIdNotPrintable",
                     [](auto& r) { r.set_request_id("a b"); },
                     kInvalid,
-                    {"request_id", "byte 1", "printable"}}),
+                    {"request_id", "byte 1", "printable"}},
+        InvalidCase{"NegativeN", [](auto& r) { r.set_n(-1); }, kInvalid, {"n: -1", "[0, 16]"}},
+        InvalidCase{"NAboveLimit", [](auto& r) { r.set_n(17); }, kInvalid, {"n: 17", "[0, 16]"}}),
     [](const ::testing::TestParamInfo<InvalidCase>& info) { return info.param.name; });
 
 // ---- Deadlines, cancellation, overload -------------------------------------------------------
+
+// Holds the engine thread after a step while set (its on_step hook), so that nothing leaves
+// the queue meanwhile, however slow this machine or build is.
+struct EngineGate {
+  absl::Mutex mu;
+  bool hold = false;
+  bool held = false;  // the engine thread waits at the gate
+
+  // Test options with max_num_seqs = 1, `max_queued` queue slots and `gate` as the on_step
+  // hook; `more_hooks` (optional) sets other hooks.
+  static ServerOptions Options(const std::shared_ptr<EngineGate>& gate, int32_t max_queued,
+                               std::function<void(ServerHooks&)> more_hooks = nullptr) {
+    ServerOptions options = TestOptions();
+    options.max_num_seqs = 1;
+    options.max_queued_requests = max_queued;
+    options.make_hooks = [gate, more_hooks](const LoadedModel&) {
+      ServerHooks hooks;
+      hooks.on_step = [gate](const EngineStepInfo&) { gate->Pass(); };
+      if (more_hooks) more_hooks(hooks);
+      return hooks;
+    };
+    return options;
+  }
+
+  void Pass() {
+    absl::MutexLock lock(&mu);
+    held = hold;
+    mu.Await(absl::Condition(
+        +[](bool* hold) { return !*hold; }, &hold));
+    held = false;
+  }
+  void Set(bool on) {
+    absl::MutexLock lock(&mu);
+    hold = on;
+  }
+  bool Held() {
+    absl::MutexLock lock(&mu);
+    return held;
+  }
+};
+
+// A Generate call that runs (it streamed a response) until Cancel.
+struct RunningStream {
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader;
+
+  bool Start(v1::Inference::Stub& stub, const v1::GenerateRequest& request) {
+    reader = stub.Generate(&context, request);
+    v1::GenerateResponse response;
+    return reader->Read(&response);
+  }
+  // Cancels the call; its status code.
+  grpc::StatusCode Cancel() {
+    context.TryCancel();
+    v1::GenerateResponse response;
+    while (reader->Read(&response)) {
+    }
+    return reader->Finish().error_code();
+  }
+};
 
 TEST(ServerTest, DeadlineEndsTheRequestAndFreesItsBlocks) {
   auto s = TestServer::Start(TestOptions());
@@ -526,22 +588,25 @@ TEST(ServerTest, DeadlineEndsTheRequestAndFreesItsBlocks) {
   EXPECT_EQ(stats.finished_by_reason.contains(FinishReason::kLength), false);
 }
 
-TEST(ServerTest, ClientCancelCancelsInTheEngineAndFreesBlocks) {
+// A client cancel of a call of `n` completions of 4000 tokens once it holds KV blocks: every
+// completion is cancelled in the engine and every block freed.
+void ExpectClientCancelFreesEverything(int32_t n, const std::vector<int32_t>& prompt) {
   auto s = TestServer::Start(TestOptions());
-  grpc::ClientContext context;
-  auto reader = s->stub->Generate(&context, GreedyRequest(Prompt(4, 20), 4000));
-  v1::GenerateResponse response;
-  ASSERT_TRUE(reader->Read(&response));  // running: it holds KV blocks now
+  v1::GenerateRequest request = GreedyRequest(prompt, 4000);
+  if (n != 1) request.set_n(n);
+  RunningStream call;
+  ASSERT_TRUE(call.Start(*s->stub, request));  // running: it holds KV blocks now
   EXPECT_TRUE(WaitFor([&] { return s->server->engine()->Stats().kv_used_blocks > 0; }));
-  context.TryCancel();
-  while (reader->Read(&response)) {
-  }
-  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(call.Cancel(), grpc::StatusCode::CANCELLED);
   ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
   const EngineStats stats = s->server->engine()->Stats();
   ASSERT_TRUE(stats.finished_by_reason.contains(FinishReason::kCancelled));
-  EXPECT_EQ(stats.finished_by_reason.at(FinishReason::kCancelled), 1);
-  EXPECT_EQ(stats.requests_finished, 1);
+  EXPECT_EQ(stats.finished_by_reason.at(FinishReason::kCancelled), n);
+  EXPECT_EQ(stats.requests_finished, n);
+}
+
+TEST(ServerTest, ClientCancelCancelsInTheEngineAndFreesBlocks) {
+  ExpectClientCancelFreesEverything(1, Prompt(4, 20));
 }
 
 TEST(ServerTest, SlowReaderDoesNotStallTheEngine) {
@@ -582,35 +647,13 @@ TEST(ServerTest, SlowReaderDoesNotStallTheEngine) {
 
 TEST(ServerTest, OverloadIsResourceExhausted) {
   // The engine thread can be held after a step, so that A cannot finish (and let B run, which
-  // would leave room in the queue for C) however slow this machine or build is.
-  struct Gate {
-    absl::Mutex mu;
-    bool hold = false;
-  };
-  auto gate = std::make_shared<Gate>();
-  ServerOptions options = TestOptions();
-  options.max_num_seqs = 1;
-  options.max_queued_requests = 1;
-  options.make_hooks = [gate](const LoadedModel&) {
-    ServerHooks hooks;
-    hooks.on_step = [gate](const EngineStepInfo&) {
-      absl::MutexLock lock(&gate->mu);
-      gate->mu.Await(absl::Condition(
-          +[](bool* hold) { return !*hold; }, &gate->hold));
-    };
-    return hooks;
-  };
-  auto set_hold = [&](bool hold) {
-    absl::MutexLock lock(&gate->mu);
-    gate->hold = hold;
-  };
-  auto s = TestServer::Start(options);
+  // would leave room in the queue for C).
+  auto gate = std::make_shared<EngineGate>();
+  auto s = TestServer::Start(EngineGate::Options(gate, /*max_queued=*/1));
   // A: running (it streamed a token), then held. B: waiting behind it (max_num_seqs = 1).
-  grpc::ClientContext a_context;
-  auto a = s->stub->Generate(&a_context, GreedyRequest(Prompt(7, 5), 4000));
-  v1::GenerateResponse response;
-  ASSERT_TRUE(a->Read(&response));
-  set_hold(true);
+  RunningStream a;
+  ASSERT_TRUE(a.Start(*s->stub, GreedyRequest(Prompt(7, 5), 4000)));
+  gate->Set(true);
   grpc::ClientContext b_context;
   auto b = s->stub->Generate(&b_context, GreedyRequest(Prompt(8, 5), 10));
   ASSERT_TRUE(WaitFor([&] { return s->server->engine()->Stats().requests_submitted == 2; }));
@@ -620,12 +663,10 @@ TEST(ServerTest, OverloadIsResourceExhausted) {
       << c.status.error_message();
   EXPECT_THAT(c.status.error_message(), HasSubstr("overloaded"));
   EXPECT_EQ(s->server->engine()->Stats().requests_overloaded, 1);
-  set_hold(false);
-  a_context.TryCancel();
-  while (a->Read(&response)) {
-  }
-  EXPECT_EQ(a->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  gate->Set(false);
+  EXPECT_EQ(a.Cancel(), grpc::StatusCode::CANCELLED);
   // B then runs to completion.
+  v1::GenerateResponse response;
   std::vector<int32_t> b_tokens;
   while (b->Read(&response)) {
     b_tokens.insert(b_tokens.end(), response.token_ids().begin(), response.token_ids().end());
@@ -633,6 +674,179 @@ TEST(ServerTest, OverloadIsResourceExhausted) {
   EXPECT_TRUE(b->Finish().ok());
   EXPECT_EQ(b_tokens.size(), 10u);
   EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+// ---- n completions per call -----------------------------------------------------------------
+
+// The responses of a call with n completions, split by GenerateResponse.index.
+struct Completions {
+  std::vector<std::vector<v1::GenerateResponse>> responses;
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<std::string> text;
+};
+
+Completions SplitByIndex(const StreamResult& result, int n) {
+  Completions out;
+  out.responses.resize(n);
+  out.tokens.resize(n);
+  out.text.resize(n);
+  for (const v1::GenerateResponse& r : result.responses) {
+    EXPECT_GE(r.index(), 0);
+    EXPECT_LT(r.index(), n);
+    if (r.index() < 0 || r.index() >= n) continue;
+    out.responses[r.index()].push_back(r);
+    out.tokens[r.index()].insert(out.tokens[r.index()].end(), r.token_ids().begin(),
+                                 r.token_ids().end());
+    out.text[r.index()] += r.text();
+  }
+  return out;
+}
+
+TEST(ServerTest, SeededCompletionsEqualSeparateRequestsWithSeedPlusIndex) {
+  auto s = TestServer::Start(TestOptions());
+  constexpr int kN = 3;
+  constexpr uint64_t kSeed = 1234;
+  v1::GenerateRequest single = GreedyRequest(Prompt(30, 10), 16);
+  single.mutable_sampling()->set_temperature(1.0f);
+  single.mutable_sampling()->set_seed(kSeed);
+  single.set_request_id("three");
+  v1::GenerateRequest request = single;
+  request.set_n(kN);
+  const StreamResult result = RunGenerate(*s->stub, request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  const Completions completions = SplitByIndex(result, kN);
+  for (int i = 0; i < kN; ++i) {
+    single.mutable_sampling()->set_seed(kSeed + i);
+    const StreamResult alone = RunGenerate(*s->stub, single);
+    ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+    for (const v1::GenerateResponse& r : alone.responses) EXPECT_EQ(r.index(), 0);
+    EXPECT_EQ(completions.tokens[i], alone.tokens) << "completion " << i;
+    EXPECT_EQ(completions.text[i], alone.text) << "completion " << i;
+    // Each completion ends with its own last response, and only that one has a finish reason.
+    ASSERT_FALSE(completions.responses[i].empty()) << i;
+    const v1::GenerateResponse& last = completions.responses[i].back();
+    EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH) << i;
+    EXPECT_EQ(last.usage().prompt_tokens(), 10) << i;
+    EXPECT_EQ(last.usage().completion_tokens(), 16) << i;
+    EXPECT_GT(last.usage().active_parameters_used(), 0) << i;
+    EXPECT_GT(last.timing().total_seconds(), 0.0) << i;
+    for (const v1::GenerateResponse& r : completions.responses[i]) {
+      EXPECT_EQ(r.request_id(), "three");
+      if (&r != &last) {
+        EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_UNSPECIFIED) << i;
+      }
+    }
+  }
+  // Different seeds, different samples (deterministic: the seeds are fixed).
+  EXPECT_NE(completions.tokens[0], completions.tokens[1]);
+  EXPECT_NE(completions.tokens[1], completions.tokens[2]);
+  ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  EXPECT_EQ(s->server->engine()->Stats().requests_submitted, 2 * kN);
+}
+
+TEST(ServerTest, GreedyCompletionsEqualTheSingleGreedyOutput) {
+  auto s = TestServer::Start(TestOptions());
+  OfflineGreedy offline;
+  const std::vector<int32_t> prompt = Prompt(31, 9);
+  v1::GenerateRequest request = GreedyRequest(prompt, 20);
+  request.set_n(2);
+  const StreamResult result = RunGenerate(*s->stub, request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  const Completions completions = SplitByIndex(result, 2);
+  const std::vector<int32_t> expected = offline.Generate(prompt, 20);
+  EXPECT_EQ(completions.tokens[0], expected);
+  EXPECT_EQ(completions.tokens[1], expected);
+  EXPECT_EQ(completions.text[0], completions.text[1]);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_FALSE(completions.responses[i].empty());
+    EXPECT_EQ(completions.responses[i].back().usage().completion_tokens(), 20);
+  }
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+TEST(ServerTest, ClientCancelOfCompletionsCancelsEveryOneAndFreesBlocks) {
+  ExpectClientCancelFreesEverything(4, Prompt(32, 20));
+}
+
+TEST(ServerTest, DeadlineOfCompletionsEndsTheCallAndFreesBlocks) {
+  auto s = TestServer::Start(TestOptions());
+  v1::GenerateRequest request = GreedyRequest(Prompt(33, 10), 4000);
+  request.set_n(4);
+  const StreamResult result = RunGenerate(*s->stub, request, absl::Milliseconds(300));
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+      << result.status.error_message();
+  ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  const EngineStats stats = s->server->engine()->Stats();
+  EXPECT_EQ(stats.requests_submitted, 4);
+  EXPECT_EQ(stats.requests_finished, 4);
+  EXPECT_FALSE(stats.finished_by_reason.contains(FinishReason::kLength));
+}
+
+// A call whose n completions do not all fit the queue is refused as a whole: the completions
+// already submitted are cancelled, and each submitted completion is one request for the hooks.
+TEST(ServerTest, CompletionsBeyondTheQueueAreResourceExhaustedAndLeaveNothing) {
+  struct Seen {
+    absl::Mutex mu;
+    std::vector<std::pair<grpc::StatusCode, bool>> finished;  // code, had a final event
+  };
+  auto seen = std::make_shared<Seen>();
+  class Observer : public RequestObserver {
+   public:
+    explicit Observer(std::shared_ptr<Seen> seen) : seen_(std::move(seen)) {}
+    void OnTokens(int32_t, absl::Time) override {}
+    void OnFinished(const RequestEvent* event, grpc::StatusCode code, absl::Time) override {
+      absl::MutexLock lock(&seen_->mu);
+      seen_->finished.emplace_back(code, event != nullptr);
+    }
+
+   private:
+    std::shared_ptr<Seen> seen_;
+  };
+  auto gate = std::make_shared<EngineGate>();
+  auto s =
+      TestServer::Start(EngineGate::Options(gate, /*max_queued=*/3, [seen](ServerHooks& hooks) {
+        hooks.on_request = [seen](absl::Time) { return std::make_unique<Observer>(seen); };
+      }));
+  // A: running, then the engine thread is held, so that nothing leaves the queue.
+  RunningStream a;
+  ASSERT_TRUE(a.Start(*s->stub, GreedyRequest(Prompt(34, 5), 4000)));
+  gate->Set(true);
+  ASSERT_TRUE(WaitFor([&] { return gate->Held(); }));
+  // Four completions, room for three in the queue.
+  v1::GenerateRequest request = GreedyRequest(Prompt(35, 5), 10);
+  request.set_n(4);
+  const StreamResult refused = RunGenerate(*s->stub, request);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << refused.status.error_message();
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("overloaded"));
+  EXPECT_TRUE(refused.responses.empty());
+  EXPECT_EQ(s->server->engine()->Stats().requests_overloaded, 1);
+  gate->Set(false);
+  EXPECT_EQ(a.Cancel(), grpc::StatusCode::CANCELLED);
+  ASSERT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  const EngineStats stats = s->server->engine()->Stats();
+  EXPECT_EQ(stats.requests_submitted, 1 + 3);
+  ASSERT_TRUE(stats.finished_by_reason.contains(FinishReason::kCancelled));
+  EXPECT_EQ(stats.finished_by_reason.at(FinishReason::kCancelled), 1 + 3);
+  // The queue is free again: three completions fit (four need not: they may all be queued
+  // before the engine thread admits one).
+  request.set_n(3);
+  const StreamResult ok = RunGenerate(*s->stub, request);
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.tokens.size(), 3u * 10u);
+  ASSERT_TRUE(WaitFor([&] {
+    absl::MutexLock lock(&seen->mu);
+    return seen->finished.size() == 1 + 4 + 3;
+  }));
+  absl::MutexLock lock(&seen->mu);
+  using Finished = std::pair<grpc::StatusCode, bool>;
+  const Finished exhausted_in_engine(grpc::StatusCode::RESOURCE_EXHAUSTED, true);
+  const Finished ok_in_engine(grpc::StatusCode::OK, true);
+  EXPECT_THAT(seen->finished, ::testing::UnorderedElementsAre(
+                                  Finished(grpc::StatusCode::CANCELLED, true), exhausted_in_engine,
+                                  exhausted_in_engine, exhausted_in_engine,
+                                  Finished(grpc::StatusCode::RESOURCE_EXHAUSTED, false),
+                                  ok_in_engine, ok_in_engine, ok_in_engine));
 }
 
 // ---- Health, reflection, drain ----------------------------------------------------------------
@@ -746,6 +960,26 @@ TEST(ServerTest, DrainTimeoutCancelsWhatIsLeft) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr("drain timeout"));
   EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+TEST(ServerTest, DrainTimeoutCancelsEveryCompletion) {
+  ServerOptions options = TestOptions();
+  options.drain_timeout = absl::Milliseconds(200);
+  auto s = TestServer::Start(options);
+  v1::GenerateRequest request = GreedyRequest(Prompt(36, 5), 4000);
+  request.set_n(3);
+  grpc::ClientContext context;
+  auto reader = s->stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  s->server->Drain();
+  while (reader->Read(&response)) {
+  }
+  const grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("drain timeout"));
+  EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+  EXPECT_EQ(s->server->engine()->Stats().requests_submitted, 3);
 }
 
 }  // namespace
