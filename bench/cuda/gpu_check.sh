@@ -5,6 +5,7 @@
 #
 #   here:        bench/cuda/gpu_check.sh pack    # builds build-cuda, fills .gpu-carry/ (ignored)
 #   GPU machine: bench/cuda/gpu_check.sh run     # carry: [".gpu-carry"]; logs under $OUT
+#                (or `run tests`, `run bench`, `run sanitize`: one phase per call)
 #
 # `run` executes the CUDA op and forward-pass tests, compute-sanitizer memcheck and racecheck
 # over the op tests, and moe-bench-cuda (f32 KV cache, decode with and without CUDA graphs, then
@@ -36,55 +37,74 @@ pack() {
   du -sh "$CARRY"
 }
 
-run() {
+run() {  # phases, in this order: tests bench sanitize (default: all)
+  local phases=" ${*:-tests bench sanitize} "
   local out="${OUT:-/tmp/gpu-check}"
   mkdir -p "$out"
   export LD_LIBRARY_PATH="$CARRY/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   export MOE_SOURCE_DIR="$ROOT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
   local summary=()
+  # The whole run stays within GPU_CHECK_SECONDS (default 540, for a 600 s call): each step
+  # gets at most its own limit and what is left (20 s kept for the table); a step with no time
+  # left is reported as skipped, to run in a second call (`run sanitize`, ...).
+  local budget="${GPU_CHECK_SECONDS:-540}"
+  bounded() {  # limit_seconds command...
+    local limit=$1; shift
+    local left=$((budget - SECONDS - 20))
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -le 10 ] && return 125
+    timeout "$limit" "$@"
+  }
+  record() {  # what, rc, seconds, detail
+    local detail="$4"
+    [ "$2" = 125 ] && detail="skipped: out of the time budget"
+    summary+=("$(printf '%-28s rc=%-3s %4ss  %s' "$1" "$2" "$3" "$detail")")
+  }
   test_binary() {  # name, gtest args...
     local name="$1"; shift
     local start=$SECONDS
-    timeout 240 "$CARRY/bin/$name" "$@" >"$out/$name.log" 2>&1
+    bounded 240 "$CARRY/bin/$name" "$@" >"$out/$name.log" 2>&1
     local rc=$?
-    summary+=("$(printf '%-28s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" \
-      "$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$name.log" | tr '\n' ' ')")")
+    record "$name" "$rc" "$((SECONDS - start))" \
+      "$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$name.log" | tr '\n' ' ')"
     grep -E '^\[  FAILED  \]|Failure|error' "$out/$name.log" | head -20
   }
-  test_binary cuda_backend_test
-  test_binary cuda_forward_test
-  test_binary reference_test
-  local sanitizer=compute-sanitizer
-  command -v $sanitizer >/dev/null || sanitizer=/usr/local/cuda/bin/compute-sanitizer
-  for tool in memcheck racecheck; do
-    local start=$SECONDS
-    timeout 150 $sanitizer --tool $tool --error-exitcode 3 \
-      "$CARRY/bin/cuda_backend_test" --gtest_filter='Modes/CudaBackendTest.*/default:Modes/CudaBackendTest.*/tensor_cores' \
-      >"$out/sanitizer_$tool.log" 2>&1
+  sanitized() {  # what, tool, binary, gtest filter
+    local start=$SECONDS log="$out/sanitizer_${1// /_}.log"
+    bounded 150 "$sanitizer" --tool "$2" --error-exitcode 3 "$CARRY/bin/$3" --gtest_filter="$4" \
+      >"$log" 2>&1
     local rc=$?
-    summary+=("$(printf '%-28s rc=%-3s %4ss  %s' "sanitizer $tool" "$rc" "$((SECONDS - start))" \
-      "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)")")
-  done
-  # Graph capture and replay (decode steps of the whole forward pass) under memcheck.
-  local start=$SECONDS
-  timeout 120 $sanitizer --tool memcheck --error-exitcode 3 "$CARRY/bin/cuda_forward_test" \
-    --gtest_filter='AllArchitectures/CudaForwardTest.GraphReplay*/0' \
-    >"$out/sanitizer_memcheck_graphs.log" 2>&1
-  local rc=$?
-  summary+=("$(printf '%-28s rc=%-3s %4ss  %s' "sanitizer memcheck graphs" "$rc" \
-    "$((SECONDS - start))" "$(grep -E 'ERROR SUMMARY' "$out/sanitizer_memcheck_graphs.log" | tail -1)")")
-  if [ -x "$CARRY/bin/moe-bench-cuda" ]; then
-    timeout 200 "$CARRY/bin/moe-bench-cuda" --layers=4 --dir=/tmp/moe-cuda-bench >"$out/bench.log" 2>&1
-    summary+=("moe-bench-cuda rc=$?")
+    record "$1" "$rc" "$((SECONDS - start))" \
+      "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+  }
+  if [[ "$phases" == *" tests "* ]]; then
+    test_binary cuda_backend_test
+    test_binary cuda_forward_test
+    test_binary reference_test
+  fi
+  if [[ "$phases" == *" bench "* && -x "$CARRY/bin/moe-bench-cuda" ]]; then
+    local start=$SECONDS
+    bounded 200 "$CARRY/bin/moe-bench-cuda" --layers=4 --dir=/tmp/moe-cuda-bench >"$out/bench.log" 2>&1
+    record "moe-bench-cuda" "$?" "$((SECONDS - start))" ""
     # The bf16 KV cache at the largest batch, beside the f32 figures above.
-    timeout 90 "$CARRY/bin/moe-bench-cuda" --layers=4 --dir=/tmp/moe-cuda-bench --batches=64 \
+    start=$SECONDS
+    bounded 90 "$CARRY/bin/moe-bench-cuda" --layers=4 --dir=/tmp/moe-cuda-bench --batches=64 \
       --steps=16 --prefill_tokens=256 --kv_cache_dtype=bf16 --compare_without_graphs=false \
       >"$out/bench_bf16_kv.log" 2>&1
-    summary+=("moe-bench-cuda --kv_cache_dtype=bf16 rc=$?")
+    record "moe-bench-cuda bf16 KV" "$?" "$((SECONDS - start))" ""
+  fi
+  if [[ "$phases" == *" sanitize "* ]]; then
+    local sanitizer=compute-sanitizer
+    command -v $sanitizer >/dev/null || sanitizer=/usr/local/cuda/bin/compute-sanitizer
+    local ops='Modes/CudaBackendTest.*/default:Modes/CudaBackendTest.*/tensor_cores'
+    sanitized "memcheck" memcheck cuda_backend_test "$ops"
+    # Graph capture and replay (decode steps of the whole forward pass).
+    sanitized "memcheck graphs" memcheck cuda_forward_test 'AllArchitectures/CudaForwardTest.GraphReplay*/0'
+    sanitized "racecheck" racecheck cuda_backend_test "$ops"
   fi
   echo
-  echo "==== gpu_check ($(cat "$out/device.txt"))"
+  echo "==== gpu_check ($(cat "$out/device.txt"), ${SECONDS}s)"
   printf '%s\n' "${summary[@]}"
   [ -f "$out/bench.log" ] && tail -16 "$out/bench.log"
   [ -f "$out/bench_bf16_kv.log" ] && tail -4 "$out/bench_bf16_kv.log"
@@ -92,6 +112,6 @@ run() {
 
 case "${1:-}" in
   pack) pack ;;
-  run) run ;;
-  *) echo "usage: $0 pack|run" >&2; exit 2 ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: $0 pack | run [tests] [bench] [sanitize]" >&2; exit 2 ;;
 esac
