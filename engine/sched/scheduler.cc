@@ -89,6 +89,21 @@ void Scheduler::Preempt(Sequence* seq, std::vector<ScheduledSequence>& picks, in
   ++counters_.preemptions;
 }
 
+bool Scheduler::PrefixBeingComputed(const Sequence& seq, int32_t cached) const {
+  if (!options_.enable_prefix_caching) return false;
+  // The block must be full and cacheable for `seq`: its last token is always computed.
+  const int32_t end = cached + block_manager_.block_size();
+  if (end > seq.num_tokens() - 1) return false;
+  for (const Sequence* other : running_) {
+    if (other->num_computed_tokens() >= end || other->num_tokens() < end) continue;
+    if (std::equal(seq.token_ids().begin(), seq.token_ids().begin() + end,
+                   other->token_ids().begin())) {
+      return true;
+    }
+  }
+  return false;
+}
+
 bool Scheduler::TryAdmit(Sequence* seq, std::vector<ScheduledSequence>& picks, int32_t& budget,
                          StepPlan& plan) {
   // Waiting sequences hold no blocks. Reuse cached full blocks, but always leave the last
@@ -103,6 +118,10 @@ bool Scheduler::TryAdmit(Sequence* seq, std::vector<ScheduledSequence>& picks, i
     block_manager_.Release(seq->block_table_);
     seq->num_computed_tokens_ = 0;
   };
+  if (PrefixBeingComputed(*seq, cached)) {  // wait for it, then take it from the cache
+    undo();
+    return false;
+  }
   if (num_new < remaining && !options_.enable_chunked_prefill) {
     undo();
     return false;

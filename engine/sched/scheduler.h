@@ -5,7 +5,11 @@
 //   2. running sequences part-way through their prompt (chunked prefill), in queue order;
 //   3. if nothing was preempted this step, waiting sequences in queue order (FCFS, or
 //      priority then FCFS), reusing cached prefix blocks and taking a prefill chunk of what
-//      budget is left. The head of the queue blocks those behind it (no overtaking).
+//      budget is left. The head of the queue blocks those behind it (no overtaking). A
+//      sequence whose next full prompt block (the first not in the prefix cache) a running
+//      sequence is computing right now waits until that block is cached, then takes it from
+//      the cache instead of computing it a second time (the n completions of one prompt, a
+//      popular prompt arriving twice at once).
 // When a running sequence needs a block and none is free, the last sequence in queue order is
 // preempted by recompute: its blocks are released and it returns to the waiting queue with its
 // tokens (prompt + generated so far), to be prefilled again later. Under the priority policy a
@@ -114,6 +118,9 @@ class Scheduler {
   // Releases the blocks of a running sequence and sends it back to waiting.
   void Preempt(Sequence* seq, std::vector<ScheduledSequence>& picks, int32_t& budget,
                StepPlan& plan);
+  // Whether a running sequence is computing, and has not finished, the full block of `seq`'s
+  // tokens that starts at `cached` (its first block not taken from the prefix cache).
+  bool PrefixBeingComputed(const Sequence& seq, int32_t cached) const;
   // Admits the head of the waiting queue if it fits; returns whether it did.
   bool TryAdmit(Sequence* seq, std::vector<ScheduledSequence>& picks, int32_t& budget,
                 StepPlan& plan);

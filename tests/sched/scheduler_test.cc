@@ -227,6 +227,35 @@ TEST(SchedulerTest, PrefixCacheHitsSkipPrefillAndChangeNoOutput) {
   EXPECT_GT(d.scheduler.block_manager().num_cached_free_blocks(), 0);
 }
 
+// The same prompt twice at once (the n completions of one request): the second waits while the
+// first computes the shared blocks, then takes them from the cache; the prompt is computed
+// once (chunked over several steps here) and the outputs are unchanged.
+TEST(SchedulerTest, TheSamePromptTwiceAtOnceIsComputedOnce) {
+  Driver d(Options(4, 8, /*chunked=*/true, /*prefix=*/true), 64, 4);
+  const std::vector<int32_t> prompt = Prompt(21, 5);  // 5 full blocks + 1 token
+  d.Add(1, prompt, 3);
+  d.Add(2, prompt, 3);
+  StepPlan first = d.Step();
+  ASSERT_EQ(first.scheduled.size(), 1u);  // 2 waits: 1 is computing its first block
+  EXPECT_EQ(first.scheduled[0].sequence->id(), 1);
+  d.RunToCompletion();
+  EXPECT_EQ(d.outputs[1], Reference(prompt, 3));
+  EXPECT_EQ(d.outputs[2], d.outputs[1]);
+  // 21 prompt tokens once, and the second's last block (its one token) again.
+  EXPECT_EQ(d.scheduler.counters().prompt_tokens_computed, 21 + 1);
+  EXPECT_EQ(d.scheduler.counters().prefix_cache_hit_tokens, 20);
+  d.ExpectAllBlocksFree();
+
+  // Without prefix caching nothing waits: both compute the prompt.
+  Driver plain(Options(4, 64, true, /*prefix=*/false), 64, 4);
+  plain.Add(1, prompt, 3);
+  plain.Add(2, prompt, 3);
+  EXPECT_EQ(plain.Step().scheduled.size(), 2u);
+  plain.RunToCompletion();
+  EXPECT_EQ(plain.outputs[2], plain.outputs[1]);
+  EXPECT_EQ(plain.scheduler.counters().prompt_tokens_computed, 2 * 21);
+}
+
 TEST(SchedulerTest, FinishMidPrefillAndMidDecodeFreesEverything) {
   Driver d(Options(4, /*budget=*/8), 64, 4);
   d.Add(1, Prompt(40, 1), 10);

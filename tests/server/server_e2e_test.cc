@@ -744,10 +744,12 @@ TEST(ServerTest, SeededCompletionsEqualSeparateRequestsWithSeedPlusIndex) {
   EXPECT_EQ(s->server->engine()->Stats().requests_submitted, 2 * kN);
 }
 
+// Also: the prompt is computed once. The second completion waits while the first computes the
+// prompt's full blocks, then takes them from the prefix cache (2 blocks of 16 of 40 tokens).
 TEST(ServerTest, GreedyCompletionsEqualTheSingleGreedyOutput) {
   auto s = TestServer::Start(TestOptions());
   OfflineGreedy offline;
-  const std::vector<int32_t> prompt = Prompt(31, 9);
+  const std::vector<int32_t> prompt = Prompt(31, 40);
   v1::GenerateRequest request = GreedyRequest(prompt, 20);
   request.set_n(2);
   const StreamResult result = RunGenerate(*s->stub, request);
@@ -761,6 +763,8 @@ TEST(ServerTest, GreedyCompletionsEqualTheSingleGreedyOutput) {
     ASSERT_FALSE(completions.responses[i].empty());
     EXPECT_EQ(completions.responses[i].back().usage().completion_tokens(), 20);
   }
+  EXPECT_EQ(completions.responses[0].back().usage().cached_prompt_tokens(), 0);
+  EXPECT_EQ(completions.responses[1].back().usage().cached_prompt_tokens(), 32);
   EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
 }
 
