@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -49,6 +50,8 @@ ABSL_FLAG(int64_t, seed, -1, "generate: random seed (-1 = server's choice)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: stop strings, comma-separated");
 ABSL_FLAG(bool, ignore_eos, false, "generate: keep going past EOS");
 ABSL_FLAG(int32_t, logprobs, 0, "generate: top log-probabilities per token (0..20)");
+ABSL_FLAG(std::vector<std::string>, logit_bias, {},
+          "generate: ID:BIAS,... added to those tokens' logits (bias in [-100, 100])");
 ABSL_FLAG(bool, routing, false, "generate: return per-token expert routing (with --json)");
 ABSL_FLAG(std::string, request_id, "", "generate: request id");
 ABSL_FLAG(int32_t, n, 1,
@@ -140,6 +143,16 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   sampling->set_min_p(static_cast<float>(absl::GetFlag(FLAGS_min_p)));
   sampling->set_repetition_penalty(static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty)));
   if (absl::GetFlag(FLAGS_seed) >= 0) sampling->set_seed(absl::GetFlag(FLAGS_seed));
+  for (const std::string& entry : absl::GetFlag(FLAGS_logit_bias)) {
+    const std::pair<std::string, std::string> parts = absl::StrSplit(entry, ':');
+    int32_t id = 0;
+    float bias = 0;
+    if (!absl::SimpleAtoi(parts.first, &id) || !absl::SimpleAtof(parts.second, &bias)) {
+      std::fprintf(stderr, "moe-client: --logit_bias: '%s' is not ID:BIAS\n", entry.c_str());
+      return 2;
+    }
+    (*sampling->mutable_logit_bias())[id] = bias;
+  }
   v1::StopParams* stop = request.mutable_stop();
   stop->set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
   stop->set_min_tokens(absl::GetFlag(FLAGS_min_tokens));

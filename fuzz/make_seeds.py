@@ -145,7 +145,8 @@ def main():
                      'stop_strings: ["\\n", "world"] stop_token_ids: [0] } logprobs: 5',
         "sampling": 'token_ids { ids: [5, 6, 7, 8] } sampling { temperature: 0.7 top_k: 40 '
                     'top_p: 0.9 min_p: 0.05 repetition_penalty: 1.1 presence_penalty: 0.5 '
-                    'frequency_penalty: -0.5 seed: 42 } return_routing: true '
+                    'frequency_penalty: -0.5 seed: 42 logit_bias { key: 7 value: -100 } '
+                    'logit_bias { key: 9 value: 2.5 } } return_routing: true '
                     'return_prompt_routing: true priority: -3 n: 3',
         "special": 'text: "<|endoftext|> caf\\303\\251" add_special_tokens: false '
                    'stop { min_tokens: 2 max_tokens: 4 }',

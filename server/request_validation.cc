@@ -65,6 +65,21 @@ absl::Status CheckSampling(const v1::SamplingParams& in, int32_t vocab, Sampling
     out.frequency_penalty = p;
   }
   if (in.has_seed()) out.seed = in.seed();
+  if (in.logit_bias_size() > kMaxLogitBias) {
+    return Invalid("sampling.logit_bias", absl::StrCat(in.logit_bias_size(), " entries"),
+                   absl::StrCat("at most ", kMaxLogitBias));
+  }
+  for (const auto& [id, bias] : in.logit_bias()) {
+    if (id < 0 || id >= vocab) {
+      return Invalid("sampling.logit_bias", absl::StrCat("token ", id),
+                     absl::StrCat("token ids must be in [0, ", vocab, ")"));
+    }
+    if (!(bias >= -kMaxLogitBiasValue && bias <= kMaxLogitBiasValue)) {
+      return Invalid("sampling.logit_bias", absl::StrCat("bias ", bias, " of token ", id),
+                     "biases must be in [-100, 100]");
+    }
+    out.logit_bias.emplace_back(id, bias);
+  }
   return absl::OkStatus();
 }
 

@@ -174,6 +174,9 @@ SampledToken RequestSampler::Sample(absl::Span<const float> logits, SamplerWorks
     }
   }
   ApplyPenalties(work);
+  for (const auto& [id, bias] : params_.logit_bias) {
+    if (id >= 0 && id < vocab) work[id] += bias;
+  }
 
   SampledToken result;
   result.token_id = params_.is_greedy() ? ArgMax(work) : Draw(work, workspace);
@@ -187,7 +190,7 @@ SampledToken RequestSampler::Sample(absl::Span<const float> logits, SamplerWorks
 bool RequestSampler::OnlyNeedsArgmax() const {
   return params_.is_greedy() && params_.repetition_penalty == 1.0f &&
          params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f &&
-         params_.logprobs == 0 &&
+         params_.logprobs == 0 && params_.logit_bias.empty() &&
          (num_generated_ >= params_.min_tokens || min_tokens_suppressed_.empty());
 }
 

@@ -7,7 +7,8 @@
 //
 // Order of operations on a logits row [vocab]:
 //   1. min_tokens: EOS and stop token ids get -inf while fewer than min_tokens are generated;
-//   2. repetition penalty (prompt + generated tokens), presence / frequency (generated only);
+//   2. repetition penalty (prompt + generated tokens), presence / frequency (generated only),
+//      then logit_bias;
 //   3. greedy: argmax (ties to the lowest id); otherwise divide by temperature, keep top-k,
 //      then top-p (nucleus, over the top-k set), then min-p, renormalise and draw.
 // Log-probabilities describe the model's own distribution: log_softmax of the raw logits,
@@ -56,7 +57,8 @@ class RequestSampler {
   SampledToken Sample(absl::Span<const float> logits, SamplerWorkspace& workspace);
 
   // Whether the next Sample would return the argmax of the raw logits and read nothing else
-  // of them: greedy, no penalty, no log-probabilities, nothing masked for min_tokens.
+  // of them: greedy, no penalty or logit bias, no log-probabilities, nothing masked for
+  // min_tokens.
   bool OnlyNeedsArgmax() const;
   // Records `token`, the argmax of the raw logits computed elsewhere, as the sampled token
   // (what Sample would have returned when OnlyNeedsArgmax()).

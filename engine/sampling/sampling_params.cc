@@ -60,6 +60,20 @@ absl::Status SamplingParams::Validate(int32_t vocab_size) const {
     return absl::InvalidArgumentError(
         absl::StrCat("logprobs must be in [0, ", kMaxLogprobs, "], got ", logprobs));
   }
+  if (logit_bias.size() > static_cast<size_t>(kMaxLogitBias)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("at most ", kMaxLogitBias, " logit_bias entries, got ", logit_bias.size()));
+  }
+  for (const auto& [id, bias] : logit_bias) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "logit_bias: token ", id, " is outside the vocabulary [0, ", vocab_size, ")"));
+    }
+    if (!(bias >= -kMaxLogitBiasValue && bias <= kMaxLogitBiasValue)) {
+      return absl::InvalidArgumentError(absl::StrCat("logit_bias: the bias of token ", id, " is ",
+                                                     bias, "; it must be in [-100, 100]"));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -38,6 +39,11 @@ struct SamplingParams {
   // Log-probabilities: 0 = none; n > 0 = the chosen token's and the n most likely tokens'.
   int32_t logprobs = 0;
 
+  // OpenAI-style logit bias: (token id, bias in [-100, 100]) added to that token's logit after
+  // the penalties, before temperature (-100 all but bans a token, +100 all but forces it).
+  // Log-probabilities stay those of the model's own distribution.
+  std::vector<std::pair<int32_t, float>> logit_bias;
+
   bool is_greedy() const { return temperature <= 0.0f; }
 
   // Checks ranges against the model's vocabulary; messages name the field and the bound.
@@ -48,5 +54,7 @@ struct SamplingParams {
 inline constexpr int32_t kMaxLogprobs = 20;
 inline constexpr int32_t kMaxStopStrings = 16;
 inline constexpr int32_t kMaxStopStringBytes = 256;
+inline constexpr int32_t kMaxLogitBias = 1024;  // entries
+inline constexpr float kMaxLogitBiasValue = 100.0f;
 
 }  // namespace moe

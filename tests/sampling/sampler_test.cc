@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "engine/common/argmax.h"
@@ -216,6 +217,37 @@ TEST(SamplerTest, ArgmaxOnlyWhenGreedyWithNothingElseReadFromTheLogits) {
   EXPECT_EQ(accepted.num_generated(), masked.num_generated());
   // Without stop ids to mask, min_tokens changes nothing.
   EXPECT_TRUE(RequestSampler(params, 0, {}, {}).OnlyNeedsArgmax());
+}
+
+TEST(SamplerTest, LogitBiasShiftsTheChoiceButNotTheLogprobs) {
+  SamplerWorkspace ws;
+  const std::vector<float> logits = {0.0f, 3.0f, 2.5f, -1.0f};
+  SamplingParams banned = Greedy();
+  banned.logit_bias = {{1, -100.0f}};
+  banned.logprobs = 1;
+  RequestSampler a(banned, 0, {}, {});
+  EXPECT_FALSE(a.OnlyNeedsArgmax());
+  const SampledToken first = a.Sample(logits, ws);
+  EXPECT_EQ(first.token_id, 2);
+  // The log-probability is the model's: token 2's under the unbiased logits.
+  double total = 0;
+  for (float l : logits) total += std::exp(l);
+  EXPECT_NEAR(first.logprob, 2.5 - std::log(total), 1e-5);
+  ASSERT_EQ(first.top_logprobs.size(), 1u);
+  EXPECT_EQ(first.top_logprobs[0].token_id, 1);
+
+  SamplingParams forced;  // sampled at temperature 1: +100 leaves nothing else a chance
+  forced.logit_bias = {{3, 100.0f}};
+  for (int seed = 0; seed < 20; ++seed) {
+    RequestSampler b(forced, seed, {}, {});
+    EXPECT_EQ(b.Sample(logits, ws).token_id, 3) << "seed " << seed;
+  }
+
+  SamplingParams bad = Greedy();
+  bad.logit_bias = {{4, 1.0f}};
+  EXPECT_NE(bad.Validate(4).message().find("logit_bias: token 4"), std::string::npos);
+  bad.logit_bias = {{0, 150.0f}};
+  EXPECT_NE(bad.Validate(4).message().find("[-100, 100]"), std::string::npos);
 }
 
 TEST(SamplerTest, LogprobsAreTheModelsLogSoftmax) {

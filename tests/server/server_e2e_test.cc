@@ -2,6 +2,7 @@
 // reflection) around the real Engine on the demo model, called over loopback TCP with real
 // gRPC clients. No mocks.
 #include <atomic>
+#include <cmath>
 #include <functional>
 #include <thread>
 
@@ -510,7 +511,27 @@ INSTANTIATE_TEST_SUITE_P(
                     kInvalid,
                     {"request_id", "byte 1", "printable"}},
         InvalidCase{"NegativeN", [](auto& r) { r.set_n(-1); }, kInvalid, {"n: -1", "[0, 16]"}},
-        InvalidCase{"NAboveLimit", [](auto& r) { r.set_n(17); }, kInvalid, {"n: 17", "[0, 16]"}}),
+        InvalidCase{"NAboveLimit", [](auto& r) { r.set_n(17); }, kInvalid, {"n: 17", "[0, 16]"}},
+        InvalidCase{"LogitBiasTokenOutsideVocabulary",
+                    [](auto& r) { (*r.mutable_sampling()->mutable_logit_bias())[1 << 20] = 1.0f; },
+                    kInvalid,
+                    {"sampling.logit_bias", "token 1048576", "[0, "}},
+        InvalidCase{"LogitBiasOutOfRange",
+                    [](auto& r) { (*r.mutable_sampling()->mutable_logit_bias())[5] = 101.0f; },
+                    kInvalid,
+                    {"sampling.logit_bias", "bias 101 of token 5", "[-100, 100]"}},
+        InvalidCase{"LogitBiasNaN",
+                    [](auto& r) { (*r.mutable_sampling()->mutable_logit_bias())[5] = NAN; },
+                    kInvalid,
+                    {"sampling.logit_bias", "[-100, 100]"}},
+        InvalidCase{"TooManyLogitBiasEntries",
+                    [](auto& r) {
+                      for (int i = 0; i < 1025; ++i) {
+                        (*r.mutable_sampling()->mutable_logit_bias())[i] = 1.0f;
+                      }
+                    },
+                    kInvalid,
+                    {"sampling.logit_bias", "1025 entries", "at most 1024"}}),
     [](const ::testing::TestParamInfo<InvalidCase>& info) { return info.param.name; });
 
 // ---- Deadlines, cancellation, overload -------------------------------------------------------
@@ -766,6 +787,27 @@ TEST(ServerTest, GreedyCompletionsEqualTheSingleGreedyOutput) {
   EXPECT_EQ(completions.responses[0].back().usage().cached_prompt_tokens(), 0);
   EXPECT_EQ(completions.responses[1].back().usage().cached_prompt_tokens(), 32);
   EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
+}
+
+// logit_bias reaches the sampler: +100 on one token makes greedy decoding emit only it; -100 on
+// the greedy first token makes the first token another one.
+TEST(ServerTest, LogitBiasForcesAndBansTokens) {
+  auto s = TestServer::Start(TestOptions());
+  OfflineGreedy offline;
+  const std::vector<int32_t> prompt = Prompt(33, 12);
+  const std::vector<int32_t> greedy = offline.Generate(prompt, 6);
+  v1::GenerateRequest forced = GreedyRequest(prompt, 6);  // ignore_eos: 7 could be EOS
+  (*forced.mutable_sampling()->mutable_logit_bias())[7] = 100.0f;
+  const StreamResult forced_result = RunGenerate(*s->stub, forced);
+  ASSERT_TRUE(forced_result.status.ok()) << forced_result.status.error_message();
+  EXPECT_EQ(forced_result.tokens, std::vector<int32_t>(6, 7));
+
+  v1::GenerateRequest banned = GreedyRequest(prompt, 1);
+  (*banned.mutable_sampling()->mutable_logit_bias())[greedy[0]] = -100.0f;
+  const StreamResult banned_result = RunGenerate(*s->stub, banned);
+  ASSERT_TRUE(banned_result.status.ok()) << banned_result.status.error_message();
+  ASSERT_EQ(banned_result.tokens.size(), 1u);
+  EXPECT_NE(banned_result.tokens[0], greedy[0]);
 }
 
 TEST(ServerTest, ClientCancelOfCompletionsCancelsEveryOneAndFreesBlocks) {
