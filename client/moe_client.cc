@@ -53,6 +53,8 @@ ABSL_FLAG(int32_t, logprobs, 0, "generate: top log-probabilities per token (0..2
 ABSL_FLAG(std::vector<std::string>, logit_bias, {},
           "generate: ID:BIAS,... added to those tokens' logits (bias in [-100, 100])");
 ABSL_FLAG(bool, routing, false, "generate: return per-token expert routing (with --json)");
+ABSL_FLAG(bool, prompt_logprobs, false,
+          "generate: log-probability of each prompt token (--json: per token; text: the sum)");
 ABSL_FLAG(std::string, request_id, "", "generate: request id");
 ABSL_FLAG(int32_t, n, 1,
           "generate: completions of the prompt (1..16); with n > 1 each one's text is printed "
@@ -160,6 +162,9 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   for (const std::string& s : absl::GetFlag(FLAGS_stop)) stop->add_stop_strings(s);
   request.set_logprobs(absl::GetFlag(FLAGS_logprobs));
   request.set_return_routing(absl::GetFlag(FLAGS_routing));
+  request.set_prompt_logprobs(absl::GetFlag(FLAGS_prompt_logprobs));
+  double prompt_logprob_sum = 0;
+  int32_t prompt_logprob_count = 0;
   const int32_t n = absl::GetFlag(FLAGS_n);
   if (n != 1) request.set_n(n);
 
@@ -173,6 +178,10 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   v1::GenerateResponse response;
   v1::GenerateResponse last;
   while (reader->Read(&response)) {
+    for (const auto& p : response.prompt_logprobs()) {
+      prompt_logprob_sum += p.logprob();
+      ++prompt_logprob_count;
+    }
     if (json) {
       nlohmann::json line = {{"request_id", response.request_id()},
                              {"token_ids", std::vector<int32_t>(response.token_ids().begin(),
@@ -203,6 +212,14 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
           routing.push_back({{"position", r.position()}, {"layers", layers}});
         }
         line["routing"] = routing;
+      }
+      if (response.prompt_logprobs_size() > 0) {
+        nlohmann::json scored = nlohmann::json::array();
+        for (const auto& p : response.prompt_logprobs()) {
+          scored.push_back(
+              {{"position", p.position()}, {"token_id", p.token_id()}, {"logprob", p.logprob()}});
+        }
+        line["prompt_logprobs"] = scored;
       }
       if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
         line["finish_reason"] = FinishName(response.finish_reason());
@@ -242,6 +259,11 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   if (!json && n <= 1) {
     std::printf("\n");
     PrintSummary(last, "");
+    if (prompt_logprob_count > 0) {
+      std::fprintf(stderr, "[prompt logprob sum=%.4f over %d tokens, perplexity=%.3f]\n",
+                   prompt_logprob_sum, prompt_logprob_count,
+                   std::exp(-prompt_logprob_sum / prompt_logprob_count));
+    }
   }
   return 0;
 }

@@ -44,6 +44,7 @@ struct Engine::ActiveRequest {
       : sampling(request.sampling),
         deadline(request.deadline),
         return_routing(request.return_routing),
+        prompt_logprobs(request.prompt_logprobs),
         sink(std::move(sink)),
         sampler(request.sampling, seed, request.prompt_token_ids, stop_ids),
         stop_token_ids(std::move(stop_ids)),
@@ -52,6 +53,8 @@ struct Engine::ActiveRequest {
   const SamplingParams sampling;
   const absl::Time deadline;
   const bool return_routing;
+  const bool prompt_logprobs;
+  int32_t next_prompt_logprob_position = 1;  // the next prompt position to report
   EventSink sink;
   RequestSampler sampler;
   // Ids that end the request: stop_token_ids, plus EOS unless ignore_eos.
@@ -265,7 +268,8 @@ void Engine::Admit(Pending pending) {
   if (options_.detokenizer) state->detokenizer = options_.detokenizer(request.prompt_token_ids);
   state->num_prompt_tokens = static_cast<int32_t>(request.prompt_token_ids.size());
   state->submitted = pending.submitted;
-  scheduler_.Add(pending.id, std::move(request.prompt_token_ids), request.priority);
+  scheduler_.Add(pending.id, std::move(request.prompt_token_ids), request.priority,
+                 request.prompt_logprobs);
   active_[pending.id] = std::move(state);
 }
 
@@ -379,8 +383,20 @@ bool Engine::Step() {
         event.routing.push_back(std::move(token_routing));
       }
     }
+    for (int32_t i = 0; i < scheduled.num_prompt_logits; ++i) {
+      const int32_t position = scheduled.prompt_logits_position + i + 1;  // the scored token
+      if (position < state.next_prompt_logprob_position) continue;  // recomputed after preemption
+      const int32_t offset = logits_offset[scheduled.prompt_logits_index + i];
+      const int32_t token = seq->token_ids()[position];
+      SampledToken scored;
+      ComputeLogprobs(absl::Span<const float>(
+                          output->logits.data() + static_cast<size_t>(offset) * vocab, vocab),
+                      token, 0, sampler_workspace_, scored);
+      event.prompt_logprobs.push_back({position, token, scored.logprob});
+      state.next_prompt_logprob_position = position + 1;
+    }
     if (scheduled.logits_index < 0) {  // a prompt chunk: nothing sampled yet
-      if (!event.routing.empty()) state.sink(std::move(event));
+      if (!event.routing.empty() || !event.prompt_logprobs.empty()) state.sink(std::move(event));
       continue;
     }
 

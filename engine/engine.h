@@ -53,6 +53,16 @@ struct GenerateRequest {
   absl::Time deadline = absl::InfiniteFuture();
   int32_t priority = 0;         // smaller first, under SchedulingPolicy::kPriority
   bool return_routing = false;  // attach each computed token's expert routing to events
+  // Report the log-probability of every prompt token but the first, given the tokens before
+  // it (scoring text). The whole prompt is then computed: nothing from the prefix cache.
+  bool prompt_logprobs = false;
+};
+
+// The log-probability of the prompt token at `position` (>= 1) given the tokens before it.
+struct PromptTokenLogprob {
+  int32_t position = 0;
+  int32_t token_id = 0;
+  float logprob = 0.0f;
 };
 
 // The routing of one computed token of a request (prompt or generated).
@@ -75,6 +85,9 @@ struct RequestEvent {
   // what may be the start of a stop string, excludes the stop string and the stop token.
   std::string text;
   std::vector<TokenRouting> routing;  // when requested: tokens computed this step
+  // With prompt_logprobs: the prompt positions scored this step, in order, each once (a
+  // preempted request's recomputed prompt is not reported again).
+  std::vector<PromptTokenLogprob> prompt_logprobs;
 
   bool finished = false;
   FinishReason finish_reason = FinishReason::kLength;  // meaningful when finished

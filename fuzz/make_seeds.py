@@ -140,7 +140,7 @@ def main():
     proto_dir = os.path.join(ROOT, "proto")
     texts = {
         "token_ids": 'token_ids { ids: [1, 2, 3] } sampling { temperature: 0 } '
-                     'stop { max_tokens: 8 ignore_eos: true }',
+                     'stop { max_tokens: 8 ignore_eos: true } prompt_logprobs: true',
         "text_stop": 'text: "Hello world" request_id: "r-1" stop { max_tokens: 16 '
                      'stop_strings: ["\\n", "world"] stop_token_ids: [0] } logprobs: 5',
         "sampling": 'token_ids { ids: [5, 6, 7, 8] } sampling { temperature: 0.7 top_k: 40 '

@@ -309,6 +309,12 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
       }
     }
     pending.mutable_text()->append(event.text);
+    for (const PromptTokenLogprob& scored : event.prompt_logprobs) {
+      v1::PromptTokenLogprob* out = pending.add_prompt_logprobs();
+      out->set_position(scored.position);
+      out->set_token_id(scored.token_id);
+      out->set_logprob(scored.logprob);
+    }
     for (const TokenRouting& routing : event.routing) {
       if (!return_prompt_routing_ && routing.position < prompt_tokens_) continue;
       v1::TokenRouting* out = pending.add_routing();
@@ -425,7 +431,7 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
           return;
         }
       } else if (pending.token_ids_size() == 0 && pending.text().empty() &&
-                 pending.routing_size() == 0) {
+                 pending.routing_size() == 0 && pending.prompt_logprobs_size() == 0) {
         continue;
       }
       Serialize(completion);

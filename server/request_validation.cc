@@ -355,6 +355,7 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
                    absl::StrCat("must be in [", -kMaxPriority, ", ", kMaxPriority, "]"));
   }
   out.priority = request.priority();
+  out.prompt_logprobs = request.prompt_logprobs();
   if (request.n() < 0 || request.n() > kMaxCompletions) {
     return Invalid("n", request.n(),
                    absl::StrCat("must be in [0, ", kMaxCompletions, "] (0 = 1 completion)"));

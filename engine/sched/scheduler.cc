@@ -33,9 +33,10 @@ Scheduler::Scheduler(const SchedulerOptions& options, int32_t num_blocks, int32_
   running_.reserve(options.max_num_seqs);
 }
 
-Sequence* Scheduler::Add(int64_t id, std::vector<int32_t> prompt_token_ids, int32_t priority) {
-  auto seq =
-      std::make_unique<Sequence>(id, std::move(prompt_token_ids), priority, next_arrival_index_++);
+Sequence* Scheduler::Add(int64_t id, std::vector<int32_t> prompt_token_ids, int32_t priority,
+                         bool prompt_logits) {
+  auto seq = std::make_unique<Sequence>(id, std::move(prompt_token_ids), priority,
+                                        next_arrival_index_++, prompt_logits);
   Sequence* raw = seq.get();
   sequences_[id] = std::move(seq);
   waiting_.insert(raw);
@@ -90,7 +91,7 @@ void Scheduler::Preempt(Sequence* seq, std::vector<ScheduledSequence>& picks, in
 }
 
 bool Scheduler::PrefixBeingComputed(const Sequence& seq, int32_t cached) const {
-  if (!options_.enable_prefix_caching) return false;
+  if (!options_.enable_prefix_caching || seq.wants_prompt_logits()) return false;
   // The block must be full and cacheable for `seq`: its last token is always computed.
   const int32_t end = cached + block_manager_.block_size();
   if (end > seq.num_tokens() - 1) return false;
@@ -108,7 +109,9 @@ bool Scheduler::TryAdmit(Sequence* seq, std::vector<ScheduledSequence>& picks, i
                          StepPlan& plan) {
   // Waiting sequences hold no blocks. Reuse cached full blocks, but always leave the last
   // token to compute: its logits are needed.
-  const int32_t max_cached_blocks = (seq->num_tokens() - 1) / block_manager_.block_size();
+  // (None for a sequence that wants every prompt position's logits.)
+  const int32_t max_cached_blocks =
+      seq->wants_prompt_logits() ? 0 : (seq->num_tokens() - 1) / block_manager_.block_size();
   const int32_t cached = block_manager_.AcquireCachedPrefix(
       seq->token_ids(), max_cached_blocks, seq->block_table_, &seq->prefix_block_hashes_);
   seq->num_computed_tokens_ = cached;
@@ -218,6 +221,16 @@ void Scheduler::BuildBatch(std::vector<ScheduledSequence> picks, StepPlan& plan)
       batch.token_ids.push_back(seq.token_ids()[pos]);
       batch.positions.push_back(pos);
       batch.slot_mapping.push_back(blocks[pos / block_size] * block_size + pos % block_size);
+    }
+    // Prompt positions whose next token is a prompt token.
+    const int32_t scored_end = std::min(end, seq.num_prompt_tokens() - 1);
+    if (seq.wants_prompt_logits() && begin < scored_end) {
+      pick.prompt_logits_index = static_cast<int32_t>(batch.logits_rows.size());
+      pick.prompt_logits_position = begin;
+      pick.num_prompt_logits = scored_end - begin;
+      for (int32_t pos = begin; pos < scored_end; ++pos) {
+        batch.logits_rows.push_back(chunk.token_begin + (pos - begin));
+      }
     }
     if (end == seq.num_tokens()) {  // every token computed: the last row gives the next token
       pick.logits_index = static_cast<int32_t>(batch.logits_rows.size());

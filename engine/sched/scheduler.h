@@ -51,6 +51,12 @@ struct ScheduledSequence {
   int32_t num_new_tokens = 0;    // tokens whose K/V this step computes
   // Row of ForwardOutput::logits to sample from, or -1 while the prompt is not done yet.
   int32_t logits_index = -1;
+  // Sequences that want prompt logits: rows [prompt_logits_index, + num_prompt_logits) of the
+  // logits hold positions prompt_logits_position, +1, ...; the row of position p scores the
+  // prompt token at p + 1 (so the prompt's last position has none here).
+  int32_t prompt_logits_index = -1;
+  int32_t prompt_logits_position = 0;
+  int32_t num_prompt_logits = 0;
 };
 
 struct StepPlan {
@@ -83,7 +89,9 @@ class Scheduler {
   const BlockManager& block_manager() const { return block_manager_; }
 
   // Adds a new sequence to the waiting queue. Its id must be unique among live sequences.
-  Sequence* Add(int64_t id, std::vector<int32_t> prompt_token_ids, int32_t priority = 0);
+  // `prompt_logits`: logits rows for every prompt position (see ScheduledSequence).
+  Sequence* Add(int64_t id, std::vector<int32_t> prompt_token_ids, int32_t priority = 0,
+                bool prompt_logits = false);
 
   // Plans the next step (see the top of this file). May return an empty plan when nothing
   // can run (no sequences, or the waiting head does not fit yet).

@@ -13,13 +13,16 @@ enum class SequenceStatus { kWaiting, kRunning };
 class Sequence {
  public:
   // `arrival_index` orders sequences first-come-first-served (smaller = earlier); under the
-  // priority policy a smaller `priority` value is served first.
+  // priority policy a smaller `priority` value is served first. `prompt_logits`: every prompt
+  // position's logits are needed (prompt log-probabilities), so nothing comes from the prefix
+  // cache.
   Sequence(int64_t id, std::vector<int32_t> prompt_token_ids, int32_t priority,
-           int64_t arrival_index)
+           int64_t arrival_index, bool prompt_logits = false)
       : id_(id),
         priority_(priority),
         arrival_index_(arrival_index),
         num_prompt_tokens_(static_cast<int32_t>(prompt_token_ids.size())),
+        prompt_logits_(prompt_logits),
         token_ids_(std::move(prompt_token_ids)) {}
 
   Sequence(const Sequence&) = delete;
@@ -35,6 +38,7 @@ class Sequence {
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids_.size()); }
   int32_t num_prompt_tokens() const { return num_prompt_tokens_; }
   int32_t num_generated_tokens() const { return num_tokens() - num_prompt_tokens_; }
+  bool wants_prompt_logits() const { return prompt_logits_; }
   // Tokens whose K/V are in the cache (positions [0, num_computed_tokens)).
   int32_t num_computed_tokens() const { return num_computed_tokens_; }
   int32_t num_uncomputed_tokens() const { return num_tokens() - num_computed_tokens_; }
@@ -53,6 +57,7 @@ class Sequence {
   const int32_t priority_;
   const int64_t arrival_index_;
   const int32_t num_prompt_tokens_;
+  const bool prompt_logits_;
   std::vector<int32_t> token_ids_;
   SequenceStatus status_ = SequenceStatus::kWaiting;
   int32_t num_computed_tokens_ = 0;

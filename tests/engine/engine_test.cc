@@ -13,6 +13,7 @@
 #include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 #include "tests/engine/engine_test_util.h"
+#include "tests/testing/reference_data.h"
 
 namespace moe {
 namespace {
@@ -227,6 +228,21 @@ TEST(EngineTest, TinyKvPoolForcesPreemptionAndChangesNoOutput) {
   ConcurrentRun cached = RunConcurrently(tiny, requests, std::vector<int>(16, 0));
   EXPECT_GT(cached.stats.preemptions, 0);
   for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(cached.outputs[i], alone[i]) << i;
+  // Prompt log-probabilities through preemption: each prompt position reported exactly once,
+  // in order, whatever was recomputed.
+  std::vector<GenerateRequest> scored = requests;
+  for (GenerateRequest& r : scored) r.prompt_logprobs = true;
+  ConcurrentRun with_scores = RunConcurrently(tiny, scored, std::vector<int>(16, 0));
+  EXPECT_GT(with_scores.stats.preemptions, 0);
+  for (size_t i = 0; i < scored.size(); ++i) {
+    EXPECT_EQ(with_scores.outputs[i], alone[i]) << i;
+    const std::vector<PromptTokenLogprob>& got = with_scores.results[i].prompt_logprobs;
+    ASSERT_EQ(got.size(), scored[i].prompt_token_ids.size() - 1) << i;
+    for (size_t p = 0; p < got.size(); ++p) {
+      EXPECT_EQ(got[p].position, static_cast<int32_t>(p + 1)) << i;
+      EXPECT_EQ(got[p].token_id, scored[i].prompt_token_ids[p + 1]) << i;
+    }
+  }
 }
 
 TEST(EngineTest, PrefixCacheHitsSkipPrefillWorkAndChangeNoOutput) {
@@ -275,6 +291,53 @@ TEST(EngineTest, PrefixCacheHitsSkipPrefillWorkAndChangeNoOutput) {
   EXPECT_EQ(stats.kv_used_blocks, 0);
   EXPECT_GT(stats.kv_cached_free_blocks, 0);  // the prefix cache still holds them, as free
   EXPECT_EQ(stats.kv_free_blocks, stats.kv_total_blocks);
+}
+
+// Prompt log-probabilities are log_softmax of transformers' logits at each prompt position (the
+// fixture's), each reported once and in order, with the prompt computed in chunks of 5 tokens
+// and computed even though the prefix cache holds it; the generated tokens do not change.
+TEST(EngineTest, PromptLogprobsMatchTransformersThroughChunksAndACachedPrompt) {
+  testing_util::ReferenceData reference("mixtral");
+  const std::vector<int32_t> prompt = reference.Ints("prompt.2");
+  const std::vector<float> logits = reference.Floats("logits.2");  // [prompt, vocab]
+  const int32_t vocab = VocabOf("mixtral");
+  ASSERT_GT(prompt.size(), 10u);
+  ASSERT_EQ(logits.size(), prompt.size() * vocab);
+  EngineOptions options = OptionsFor("mixtral", 64, /*block_size=*/4);
+  options.scheduler.enable_prefix_caching = true;
+  options.scheduler.max_num_seqs = 4;
+  options.scheduler.max_num_batched_tokens = 5;
+  Collector collector;
+  std::unique_ptr<Engine> engine = MakeEngine(options);
+  ASSERT_NE(engine, nullptr);
+  GenerateRequest plain;
+  plain.prompt_token_ids = prompt;
+  plain.sampling.temperature = 0.0f;
+  plain.sampling.max_tokens = 3;
+  plain.sampling.ignore_eos = true;
+  ASSERT_TRUE(engine->Submit(plain, collector.Sink(0)).ok());
+  engine->WaitUntilIdle();
+  GenerateRequest scored = plain;
+  scored.prompt_logprobs = true;
+  ASSERT_TRUE(engine->Submit(scored, collector.Sink(1)).ok());
+  engine->WaitUntilIdle();
+
+  const Collector::Result first = collector.Get(0), second = collector.Get(1);
+  EXPECT_TRUE(first.prompt_logprobs.empty());
+  EXPECT_EQ(second.tokens, first.tokens);
+  EXPECT_EQ(second.final_event.num_cached_prompt_tokens, 0);
+  ASSERT_EQ(second.prompt_logprobs.size(), prompt.size() - 1);
+  for (size_t i = 0; i + 1 < prompt.size(); ++i) {
+    const PromptTokenLogprob& got = second.prompt_logprobs[i];
+    EXPECT_EQ(got.position, static_cast<int32_t>(i + 1));
+    EXPECT_EQ(got.token_id, prompt[i + 1]);
+    const float* row = logits.data() + i * vocab;
+    double max_logit = row[0], sum = 0;
+    for (int32_t v = 0; v < vocab; ++v) max_logit = std::max<double>(max_logit, row[v]);
+    for (int32_t v = 0; v < vocab; ++v) sum += std::exp(row[v] - max_logit);
+    const double expected = row[prompt[i + 1]] - max_logit - std::log(sum);
+    EXPECT_NEAR(got.logprob, expected, 1e-4) << "position " << i + 1;
+  }
 }
 
 TEST(EngineTest, CancellationMidPrefillAndMidDecodeFreesAllBlocks) {

@@ -66,6 +66,7 @@ class Collector {
     std::vector<GeneratedToken> generated;
     std::string text;
     std::vector<TokenRouting> routing;
+    std::vector<PromptTokenLogprob> prompt_logprobs;
     int num_events = 0;
     int num_final_events = 0;
     bool events_after_final = false;
@@ -84,6 +85,8 @@ class Collector {
       }
       r.text += event.text;
       for (TokenRouting& routing : event.routing) r.routing.push_back(std::move(routing));
+      r.prompt_logprobs.insert(r.prompt_logprobs.end(), event.prompt_logprobs.begin(),
+                               event.prompt_logprobs.end());
       if (event.finished) {
         ++r.num_final_events;
         r.final_event = std::move(event);

@@ -789,6 +789,36 @@ TEST(ServerTest, GreedyCompletionsEqualTheSingleGreedyOutput) {
   EXPECT_TRUE(WaitFor([&] { return EngineIdle(*s->server->engine()); }));
 }
 
+// prompt_logprobs: every prompt token but the first is scored, once, in order, before the first
+// generated token; the generated tokens do not change. (Their values against transformers:
+// tests/engine/engine_test.cc.)
+TEST(ServerTest, PromptLogprobsScoreEveryPromptTokenBeforeTheFirstGeneratedOne) {
+  auto s = TestServer::Start(TestOptions());
+  OfflineGreedy offline;
+  const std::vector<int32_t> prompt = Prompt(34, 20);
+  v1::GenerateRequest request = GreedyRequest(prompt, 5);
+  request.set_prompt_logprobs(true);
+  const StreamResult result = RunGenerate(*s->stub, request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.tokens, offline.Generate(prompt, 5));
+  std::vector<v1::PromptTokenLogprob> scored;
+  bool tokens_seen = false;
+  for (const v1::GenerateResponse& r : result.responses) {
+    if (r.prompt_logprobs_size() > 0) {
+      EXPECT_FALSE(tokens_seen) << "scores after tokens";
+    }
+    scored.insert(scored.end(), r.prompt_logprobs().begin(), r.prompt_logprobs().end());
+    tokens_seen = tokens_seen || r.token_ids_size() > 0;
+  }
+  ASSERT_EQ(scored.size(), prompt.size() - 1);
+  for (size_t i = 0; i < scored.size(); ++i) {
+    EXPECT_EQ(scored[i].position(), static_cast<int32_t>(i + 1));
+    EXPECT_EQ(scored[i].token_id(), prompt[i + 1]);
+    EXPECT_TRUE(std::isfinite(scored[i].logprob()) && scored[i].logprob() <= 0.0f) << i;
+  }
+  EXPECT_EQ(result.last.usage().cached_prompt_tokens(), 0);
+}
+
 // logit_bias reaches the sampler: +100 on one token makes greedy decoding emit only it; -100 on
 // the greedy first token makes the first token another one.
 TEST(ServerTest, LogitBiasForcesAndBansTokens) {
