@@ -8,7 +8,9 @@
 #         scheduler, sampling, engine (engine thread vs. submit/cancel threads), metrics -
 #         build-tsan/. Not the gRPC server tests: Debian's gRPC is not built with TSan, so its
 #         internal synchronisation is invisible to TSan and would show as false races.
-# One written-reason suppression (tests/tsan.supp, Abseil-internal). TSan needs the synchronisation it cannot see to be instrumented:
+# Two written-reason suppressions, neither in moe-serve's code: tests/lsan.supp (OpenSSL's
+# per-thread error state of gRPC threads still running at exit) and tests/tsan.supp
+# (Abseil-internal). TSan needs the synchronisation it cannot see to be instrumented:
 # Debian's Abseil is not, so every absl::Mutex hand-off (the engine's inbox, stats, ...) shows
 # as a false race. This script therefore builds TSan-instrumented copies of the few Abseil
 # libraries that implement absl::Mutex (base, spinlock_wait, malloc_internal, graphcycles,
