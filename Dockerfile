@@ -47,7 +47,8 @@ RUN set -eux; \
       esac; \
     done; \
     build/tools/moe-make-model --preset=demo --out="$out/demo_model" \
-      --tokenizer=tests/fixtures/tokenizers/qwen2_split/tokenizer.json; \
+      --tokenizer=tests/fixtures/tokenizers/qwen2_split/tokenizer.json \
+      --chat_template=tests/fixtures/chat_templates/qwen2_moe_chatml.jinja; \
     ls -lR "$out"
 
 # ---- runtime ----------------------------------------------------------------------------------

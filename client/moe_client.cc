@@ -1,6 +1,7 @@
 // moe-client: command-line client of moe-serve.
 //
 //   moe-client generate "Once upon a time" [--max_tokens=64 --temperature=0 --n=1 --json ...]
+//   moe-client generate --chat [--system="You are terse."] "What is an expert?"
 //   moe-client tokenize "some text"
 //   moe-client info
 //   moe-client stats [--since_start]
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -20,6 +22,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -59,6 +62,16 @@ ABSL_FLAG(std::string, request_id, "", "generate: request id");
 ABSL_FLAG(int32_t, n, 1,
           "generate: completions of the prompt (1..16); with n > 1 each one's text is printed "
           "when it finishes, prefixed by [index] (--json: lines carry \"index\")");
+// chat (generate and tokenize)
+ABSL_FLAG(bool, chat, false,
+          "generate/tokenize: PROMPT is a user message, rendered by the model's chat template");
+ABSL_FLAG(std::string, system, "", "--chat: a system message before it");
+ABSL_FLAG(std::string, messages_file, "",
+          "chat: the conversation from a JSON file, [{\"role\": ..., \"content\": ...}, ...] "
+          "(PROMPT, if given, is added as the last user message)");
+ABSL_FLAG(std::string, template_vars, "",
+          "chat: further template variables as a JSON object, e.g. '{\"enable_thinking\": false}'");
+ABSL_FLAG(bool, no_generation_prompt, false, "chat: do not open the assistant's turn at the end");
 // tokenize
 ABSL_FLAG(bool, pieces, false, "tokenize: print the token strings too");
 ABSL_FLAG(bool, no_special, false, "tokenize/generate: do not add special tokens (BOS)");
@@ -120,10 +133,69 @@ void PrintSummary(const v1::GenerateResponse& last, const std::string& prefix) {
                last.timing().total_seconds() * 1e3);
 }
 
+bool ChatRequested() {
+  return absl::GetFlag(FLAGS_chat) || !absl::GetFlag(FLAGS_messages_file).empty();
+}
+
+// The chat prompt of the --chat / --messages_file / --system / --template_vars flags, or an
+// error message.
+absl::StatusOr<v1::ChatPrompt> ChatFromFlags(const std::string& prompt) {
+  v1::ChatPrompt chat;
+  const std::string path = absl::GetFlag(FLAGS_messages_file);
+  if (!path.empty()) {
+    std::ifstream in(path);
+    const nlohmann::json messages = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (!messages.is_array()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--messages_file=", path, ": not a JSON array of {\"role\", \"content\"} objects"));
+    }
+    for (const nlohmann::json& message : messages) {
+      const auto role = message.is_object() ? message.find("role") : messages.end();
+      const auto content = message.is_object() ? message.find("content") : messages.end();
+      if (role == messages.end() || content == messages.end() || !role->is_string() ||
+          !content->is_string()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--messages_file=", path, ": each message needs string \"role\" and \"content\""));
+      }
+      v1::ChatMessage* added = chat.add_messages();
+      added->set_role(role->get<std::string>());
+      added->set_content(content->get<std::string>());
+    }
+  } else if (!absl::GetFlag(FLAGS_system).empty()) {
+    v1::ChatMessage* system = chat.add_messages();
+    system->set_role("system");
+    system->set_content(absl::GetFlag(FLAGS_system));
+  }
+  if (!prompt.empty()) {
+    v1::ChatMessage* user = chat.add_messages();
+    user->set_role("user");
+    user->set_content(prompt);
+  }
+  if (absl::GetFlag(FLAGS_no_generation_prompt)) chat.set_add_generation_prompt(false);
+  const std::string vars = absl::GetFlag(FLAGS_template_vars);
+  if (!vars.empty()) {
+    const nlohmann::json object = nlohmann::json::parse(vars, nullptr, /*allow_exceptions=*/false);
+    if (!object.is_object()) {
+      return absl::InvalidArgumentError("--template_vars: not a JSON object");
+    }
+    for (const auto& [name, value] : object.items()) {
+      (*chat.mutable_template_variables())[name] = value.dump();
+    }
+  }
+  return chat;
+}
+
 int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   v1::GenerateRequest request;
   const std::string ids = absl::GetFlag(FLAGS_token_ids);
-  if (!ids.empty()) {
+  if (ChatRequested()) {
+    absl::StatusOr<v1::ChatPrompt> chat = ChatFromFlags(prompt);
+    if (!chat.ok()) {
+      std::fprintf(stderr, "moe-client: %s\n", std::string(chat.status().message()).c_str());
+      return 2;
+    }
+    *request.mutable_chat() = *std::move(chat);
+  } else if (!ids.empty()) {
     for (absl::string_view part : absl::StrSplit(ids, ',', absl::SkipWhitespace())) {
       int32_t id = 0;
       if (!absl::SimpleAtoi(part, &id)) {
@@ -270,7 +342,16 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
 
 int Tokenize(v1::Inference::Stub& stub, const std::string& text) {
   v1::TokenizeRequest request;
-  request.set_text(text);
+  if (ChatRequested()) {
+    absl::StatusOr<v1::ChatPrompt> chat = ChatFromFlags(text);
+    if (!chat.ok()) {
+      std::fprintf(stderr, "moe-client: %s\n", std::string(chat.status().message()).c_str());
+      return 2;
+    }
+    *request.mutable_chat() = *std::move(chat);
+  } else {
+    request.set_text(text);
+  }
   request.set_return_pieces(absl::GetFlag(FLAGS_pieces) || absl::GetFlag(FLAGS_json));
   if (absl::GetFlag(FLAGS_no_special)) request.set_add_special_tokens(false);
   v1::TokenizeResponse response;
@@ -283,6 +364,7 @@ int Tokenize(v1::Inference::Stub& stub, const std::string& text) {
         {"token_ids",
          std::vector<int32_t>(response.token_ids().begin(), response.token_ids().end())},
         {"pieces", std::vector<std::string>(response.pieces().begin(), response.pieces().end())}};
+    if (request.has_chat()) out["chat_text"] = response.chat_text();
     std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
   }
@@ -316,7 +398,7 @@ int Info(v1::Inference::Stub& stub) {
       "experts       %d routed, top-%d, %d shared\nparameters    %.2fM total, %.2fM active per "
       "token (%.1f%%)\ndtype         %s\nbackend       %s\ncontext       %d tokens (prompt at "
       "most %d)\nKV cache      %d blocks x %d tokens = %lld tokens (%s)\nvocab         %d "
-      "(tokenizer: %s)\nserver        %s\n",
+      "(tokenizer: %s, chat template: %s)\nserver        %s\n",
       info.model_path().c_str(), info.architecture().c_str(), info.architecture_class().c_str(),
       info.num_layers(), info.num_moe_layers(),
       absl::StrJoin(info.moe_layer_indices(), ",").c_str(), info.num_experts(), info.top_k(),
@@ -325,7 +407,8 @@ int Info(v1::Inference::Stub& stub) {
       info.device().c_str(), info.context_length(), info.max_prompt_tokens(),
       info.kv_total_blocks(), info.kv_block_size(),
       static_cast<long long>(info.kv_capacity_tokens()), info.kv_cache_dtype().c_str(),
-      info.vocab_size(), info.has_tokenizer() ? "yes" : "no", info.server_version().c_str());
+      info.vocab_size(), info.has_tokenizer() ? "yes" : "no",
+      info.has_chat_template() ? "yes" : "no", info.server_version().c_str());
   return 0;
 }
 
@@ -395,8 +478,10 @@ int main(int argc, char** argv) {
       {"client/moe_client.cc", "client/connection.cc"},
       "moe-client COMMAND [ARGS] [flags]\n"
       "  generate PROMPT   stream generated text to stdout (--json: one JSON object per "
-      "response; --token_ids=1,2,3 instead of PROMPT; --n=N: N completions)\n"
-      "  tokenize TEXT     print token ids (--pieces: with their strings)\n"
+      "response; --token_ids=1,2,3 instead of PROMPT; --n=N: N completions; --chat: PROMPT is "
+      "a user message for the model's chat template)\n"
+      "  tokenize TEXT     print token ids (--pieces: with their strings; --chat: of the chat "
+      "prompt, --json adds its text)\n"
       "  info              the model: architecture, parameters, backend, limits\n"
       "  stats             expert-load heatmap, layers x experts, and imbalance figures\n"
       "  health [SERVICE]  grpc.health.v1 status; exit 0 when SERVING\n"
@@ -418,8 +503,9 @@ int main(int argc, char** argv) {
   auto channel = grpc::CreateCustomChannel(Target(), credentials, channel_args);
   v1::Inference::Stub stub(channel);
   if (command == "generate") {
-    if (arg.empty() && absl::GetFlag(FLAGS_token_ids).empty()) {
-      std::fprintf(stderr, "moe-client generate: give a PROMPT or --token_ids\n");
+    if (arg.empty() && absl::GetFlag(FLAGS_token_ids).empty() &&
+        absl::GetFlag(FLAGS_messages_file).empty()) {
+      std::fprintf(stderr, "moe-client generate: give a PROMPT, --token_ids or --messages_file\n");
       return 2;
     }
     return Generate(stub, arg);

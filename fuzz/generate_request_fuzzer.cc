@@ -1,27 +1,43 @@
 // libFuzzer target: the bytes of a Generate call through the server's own parsing and
 // validation (moe::server::ParseGenerateRequest: protobuf parse, the UTF-8 diagnosis of a
-// failed parse, BuildEngineRequest with the demo tokenizer and limits like the server's).
+// failed parse, BuildEngineRequest with the demo tokenizer, Qwen3's chat template for chat
+// prompts, and limits like the server's).
 // Checks: no crash; every refusal is INVALID_ARGUMENT or FAILED_PRECONDITION with a message;
 // an accepted request has a prompt of 1..max_prompt_tokens ids inside the vocabulary, room for
 // its max_tokens in the context, sampling parameters the engine's own Validate accepts, and n
 // within [0, kMaxCompletions].
 #include <cstddef>
 #include <cstdint>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 
 #include "engine/sampling/sampling_params.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "fuzz/fuzz_util.h"
+#include "nlohmann/json.hpp"
 #include "server/request_validation.h"
 
 namespace {
 
+std::string ReadSourceFile(const std::string& path) {
+  std::ifstream in(std::string(MOE_SOURCE_DIR) + "/" + path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// The fixture tokenizer with Qwen3-MoE's chat template (the most involved of the published
+// templates: namespaces, reversed slices, string methods, tools) for chat prompts.
 const moe::Tokenizer& DemoTokenizer() {
   static const moe::Tokenizer* tokenizer = [] {
-    auto loaded = moe::Tokenizer::FromModelDir(std::string(MOE_SOURCE_DIR) +
-                                               "/tests/fixtures/tokenizers/gpt2_bytelevel");
+    nlohmann::json config =
+        nlohmann::json::parse(ReadSourceFile("tests/fixtures/tokenizers/gpt2_bytelevel/"
+                                             "tokenizer_config.json"));
+    config["chat_template"] = ReadSourceFile("tests/fixtures/chat_templates/qwen3_moe.jinja");
+    auto loaded = moe::Tokenizer::FromJson(
+        ReadSourceFile("tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json"), config.dump());
     moe::fuzz::Check(loaded.ok(), "fixture tokenizer loads");
+    moe::fuzz::Check((*loaded)->chat_template_status().ok(), "the chat template parses");
     return loaded->release();
   }();
   return *tokenizer;

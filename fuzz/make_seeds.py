@@ -136,7 +136,8 @@ def main():
     put("tokenizer", "special", b"\x08<|endoftext|>hi<s></s>")
     put("tokenizer", "ids", b"\x05" + struct.pack("<6i", 1, 2, 3, 300, -1, 70000))
 
-    # generate_request: serialized GenerateRequest messages (last byte even: with tokenizer).
+    # generate_request: serialized GenerateRequest messages (last byte even: with tokenizer,
+    # which has the Qwen3 chat template).
     proto_dir = os.path.join(ROOT, "proto")
     texts = {
         "token_ids": 'token_ids { ids: [1, 2, 3] } sampling { temperature: 0 } '
@@ -150,6 +151,14 @@ def main():
                     'return_prompt_routing: true priority: -3 n: 3',
         "special": 'text: "<|endoftext|> caf\\303\\251" add_special_tokens: false '
                    'stop { min_tokens: 2 max_tokens: 4 }',
+        "chat": 'chat { messages { role: "system" content: "Be brief." } '
+                'messages { role: "user" content: "Hi <|im_end|>" } '
+                'messages { role: "assistant" content: "<think>\\nhm\\n</think>\\n\\nHello" } '
+                'messages { role: "user" content: "Why?" } add_generation_prompt: true '
+                'template_variables { key: "enable_thinking" value: "false" } '
+                'template_variables { key: "tools" value: "[{\\"name\\": \\"f\\"}]" } '
+                'template_variables { key: "date_string" value: "\\"26 Nov 2026\\"" } } '
+                'stop { max_tokens: 4 }',
     }
     for name, text in texts.items():
         data = subprocess.run(

@@ -22,7 +22,7 @@ SEED_FLAG=()
 if [[ -n "${FUZZ_SEED:-}" ]]; then SEED_FLAG=(-seed="$FUZZ_SEED"); fi
 TARGETS=("$@")
 if ((${#TARGETS[@]} == 0)); then
-  TARGETS=(tokenizer tokenizer_json model_config safetensors generate_request)
+  TARGETS=(tokenizer tokenizer_json model_config safetensors generate_request chat_template)
 fi
 
 bash scripts/setup_deps.sh

@@ -631,7 +631,7 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
   }
   v1::TokenizeRequest parsed_request;
   grpc::Status status = ParseRequest(raw_request ? *raw_request : grpc::ByteBuffer(),
-                                     &parsed_request, {{{1}, "text", false}});
+                                     &parsed_request, kTokenizeRequestStringFields);
   if (!status.ok()) {
     reactor->Finish(status);
     return reactor;
@@ -650,13 +650,32 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
         absl::StrCat("text: invalid UTF-8 at byte ", bad, "; the text must be valid UTF-8")));
     return reactor;
   }
-  EncodeOptions options;
-  options.add_special_tokens =
-      request->has_add_special_tokens() ? request->add_special_tokens() : true;
-  absl::StatusOr<std::vector<int32_t>> ids = model->tokenizer->Encode(request->text(), options);
+  absl::StatusOr<std::vector<int32_t>> ids;
+  if (request->has_chat()) {
+    if (!request->text().empty()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                   "text: not allowed together with chat; set one of them"));
+      return reactor;
+    }
+    absl::StatusOr<EncodedChat> chat =
+        EncodeChatPrompt(request->chat(), model->tokenizer, model->limits);
+    if (chat.ok()) {
+      response->set_chat_text(std::move(chat->text));
+      ids = std::move(chat->token_ids);
+    } else {
+      ids = chat.status();
+    }
+  } else {
+    EncodeOptions options;
+    options.add_special_tokens =
+        request->has_add_special_tokens() ? request->add_special_tokens() : true;
+    ids = model->tokenizer->Encode(request->text(), options);
+    if (!ids.ok()) {
+      ids = absl::Status(ids.status().code(), absl::StrCat("text: ", ids.status().message()));
+    }
+  }
   if (!ids.ok()) {
-    reactor->Finish(ToGrpcStatus(
-        absl::Status(ids.status().code(), absl::StrCat("text: ", ids.status().message()))));
+    reactor->Finish(ToGrpcStatus(ids.status()));
     return reactor;
   }
   for (int32_t id : *ids) {

@@ -270,13 +270,14 @@ int main(int argc, char** argv) {
   std::fprintf(stderr,
                "moe-serve: model=%s architecture=%s layers=%d moe_layers=%d experts=%d top_k=%d "
                "params_total=%lld params_active_per_token=%lld dtype=%s backend=\"%s\" "
-               "context=%d kv_blocks=%d kv_dtype=%s tokenizer=%s load_s=%.2f\n",
+               "context=%d kv_blocks=%d kv_dtype=%s tokenizer=%s chat_template=%s load_s=%.2f\n",
                info.model_path().c_str(), info.architecture().c_str(), info.num_layers(),
                info.num_moe_layers(), info.num_experts(), info.top_k(),
                static_cast<long long>(info.parameters().total()),
                static_cast<long long>(info.parameters().active_per_token()), info.dtype().c_str(),
                info.device().c_str(), info.context_length(), info.kv_total_blocks(),
                info.kv_cache_dtype().c_str(), info.has_tokenizer() ? "yes" : "no",
+               info.has_chat_template() ? "yes" : "no",
                absl::ToDoubleSeconds(absl::Now() - load_start));
   std::fprintf(stderr, "moe-serve: SERVING on %s:%d (metrics port %d)\n", options.host.c_str(),
                (*server)->port(), metrics != nullptr ? metrics->port() : -1);

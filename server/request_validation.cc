@@ -1,11 +1,15 @@
 #include "server/request_validation.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "engine/common/status_macros.h"
 #include "engine/sampling/sampling_params.h"
 #include "google/protobuf/unknown_field_set.h"
+#include "nlohmann/json.hpp"
 
 namespace moe::server {
 namespace {
@@ -179,7 +183,20 @@ std::string FindBadString(const std::string& bytes, const StringField& field, si
 }  // namespace
 
 const std::initializer_list<StringField> kGenerateRequestStringFields = {
-    {{1}, "text", false}, {{4}, "request_id", false}, {{6, 5}, "stop.stop_strings", true}};
+    {{1}, "text", false},
+    {{4}, "request_id", false},
+    {{6, 5}, "stop.stop_strings", true},
+    {{13, 1, 1}, "chat.messages.role", false},
+    {{13, 1, 2}, "chat.messages.content", false},
+    {{13, 3, 1}, "chat.template_variables (a name)", false},
+    {{13, 3, 2}, "chat.template_variables (a value)", false}};
+
+const std::initializer_list<StringField> kTokenizeRequestStringFields = {
+    {{1}, "text", false},
+    {{4, 1, 1}, "chat.messages.role", false},
+    {{4, 1, 2}, "chat.messages.content", false},
+    {{4, 3, 1}, "chat.template_variables (a name)", false},
+    {{4, 3, 2}, "chat.template_variables (a value)", false}};
 
 absl::Status ExplainParseFailure(const std::string& bytes,
                                  std::initializer_list<StringField> string_fields,
@@ -264,6 +281,147 @@ absl::Status ValidateRequestId(const std::string& request_id) {
   return absl::OkStatus();
 }
 
+absl::Status CheckTokenizerIds(const std::vector<int32_t>& ids, int32_t vocab,
+                               absl::string_view field) {
+  if (ids.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": the prompt encodes to no tokens"));
+  }
+  for (int32_t id : ids) {
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": the tokenizer produced token id ",
+                                                     id, ", outside the model's vocabulary [0, ",
+                                                     vocab, "): tokenizer and model do not match"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+bool IsIdentifier(const std::string& name) {
+  if (name.empty() || std::isdigit(static_cast<unsigned char>(name[0]))) return false;
+  for (char c : name) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_') return false;
+  }
+  return true;
+}
+
+// Bracket nesting of a JSON text outside its strings (checked before parsing, so that no
+// deeply nested value reaches the recursive template evaluator).
+int JsonNesting(const std::string& text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
+}  // namespace
+
+absl::StatusOr<EncodedChat> EncodeChatPrompt(const v1::ChatPrompt& chat, const Tokenizer* tokenizer,
+                                             const RequestLimits& limits) {
+  if (tokenizer == nullptr) {
+    return absl::FailedPreconditionError(
+        "chat: chat prompts need a tokenizer and a chat template, but the model directory has no "
+        "tokenizer.json; send token_ids instead");
+  }
+  if (const absl::Status& usable = tokenizer->chat_template_status(); !usable.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("chat: ", usable.message(), "; send text or token_ids instead"));
+  }
+  if (chat.messages_size() == 0 || chat.messages_size() > kMaxChatMessages) {
+    return Invalid("chat.messages", absl::StrCat(chat.messages_size(), " messages"),
+                   absl::StrCat("give 1..", kMaxChatMessages, " messages"));
+  }
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  int64_t content_bytes = 0;
+  for (int i = 0; i < chat.messages_size(); ++i) {
+    const v1::ChatMessage& message = chat.messages(i);
+    const std::string field = absl::StrCat("chat.messages[", i, "]");
+    if (message.role().empty() || message.role().size() > kMaxChatRoleBytes) {
+      return Invalid(absl::StrCat(field, ".role"), absl::StrCat("'", message.role(), "'"),
+                     absl::StrCat("a role is 1..", kMaxChatRoleBytes,
+                                  " bytes (system, user, assistant, tool)"));
+    }
+    content_bytes += static_cast<int64_t>(message.content().size());
+    messages.push_back({{"role", message.role()}, {"content", message.content()}});
+  }
+  if (limits.max_prompt_text_bytes > 0 && content_bytes > limits.max_prompt_text_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chat.messages: ", content_bytes, " bytes of content is too long; at most ",
+                     limits.max_prompt_text_bytes, " bytes (max_prompt_tokens x ",
+                     kMaxPromptBytesPerToken, ")"));
+  }
+  if (chat.template_variables_size() > kMaxChatTemplateVariables) {
+    return Invalid("chat.template_variables",
+                   absl::StrCat(chat.template_variables_size(), " variables"),
+                   absl::StrCat("at most ", kMaxChatTemplateVariables));
+  }
+  // Sorted by name: protobuf maps have no order, and the rendering must not depend on one.
+  std::map<std::string, std::string> sorted(chat.template_variables().begin(),
+                                            chat.template_variables().end());
+  nlohmann::ordered_json variables = nlohmann::ordered_json::object();
+  for (const auto& [name, value] : sorted) {
+    const std::string field = absl::StrCat("chat.template_variables[", name, "]");
+    if (!IsIdentifier(name) || name.size() > 64) {
+      return Invalid("chat.template_variables", absl::StrCat("the name '", name, "'"),
+                     "names are identifiers ([A-Za-z_][A-Za-z0-9_]*, at most 64 bytes)");
+    }
+    if (name == "messages" || name == "add_generation_prompt" || name == "bos_token" ||
+        name == "eos_token") {
+      return Invalid("chat.template_variables", absl::StrCat("the name '", name, "'"),
+                     "messages, add_generation_prompt, bos_token and eos_token are set by the "
+                     "server");
+    }
+    if (value.size() > kMaxChatTemplateVariableBytes || JsonNesting(value) > kMaxJsonNesting) {
+      return Invalid(field, absl::StrCat(value.size(), " bytes"),
+                     absl::StrCat("a value is at most ", kMaxChatTemplateVariableBytes,
+                                  " bytes of JSON nested at most ", kMaxJsonNesting, " deep"));
+    }
+    nlohmann::ordered_json parsed =
+        nlohmann::ordered_json::parse(value, nullptr, /*allow_exceptions=*/false);
+    if (parsed.is_discarded()) {
+      return Invalid(field, absl::StrCat("'", value.substr(0, 64), "'"),
+                     "values are JSON texts, e.g. false, \"text\", [{\"type\": \"function\"}]");
+    }
+    variables[name] = std::move(parsed);
+  }
+  const bool add_generation_prompt =
+      chat.has_add_generation_prompt() ? chat.add_generation_prompt() : true;
+  EncodedChat out;
+  absl::StatusOr<std::string> text =
+      tokenizer->ApplyChatTemplate(messages, add_generation_prompt, variables);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), absl::StrCat("chat: ", text.status().message()));
+  }
+  out.text = *std::move(text);
+  // As transformers' apply_chat_template(tokenize=True): the template wrote the special tokens.
+  EncodeOptions options;
+  options.add_special_tokens = false;
+  options.parse_special_tokens = true;
+  absl::StatusOr<std::vector<int32_t>> ids = tokenizer->Encode(out.text, options);
+  if (!ids.ok()) {
+    return absl::Status(ids.status().code(), absl::StrCat("chat: ", ids.status().message()));
+  }
+  out.token_ids = *std::move(ids);
+  RETURN_IF_ERROR(CheckTokenizerIds(out.token_ids, limits.vocab_size, "chat"));
+  return out;
+}
+
 absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& request,
                                                    const Tokenizer* tokenizer,
                                                    const RequestLimits& limits) {
@@ -299,17 +457,13 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
       if (!ids.ok()) {
         return absl::Status(ids.status().code(), absl::StrCat("text: ", ids.status().message()));
       }
-      if (ids->empty()) {
-        return absl::InvalidArgumentError("text: the prompt encodes to no tokens");
-      }
-      for (int32_t id : *ids) {
-        if (id < 0 || id >= vocab) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "text: the tokenizer produced token id ", id, ", outside the model's vocabulary [0, ",
-              vocab, "): tokenizer and model do not match"));
-        }
-      }
+      RETURN_IF_ERROR(CheckTokenizerIds(*ids, vocab, "text"));
       out.prompt_token_ids = *std::move(ids);
+      break;
+    }
+    case v1::GenerateRequest::kChat: {
+      ASSIGN_OR_RETURN(EncodedChat chat, EncodeChatPrompt(request.chat(), tokenizer, limits));
+      out.prompt_token_ids = std::move(chat.token_ids);
       break;
     }
     case v1::GenerateRequest::kTokenIds: {
@@ -329,7 +483,7 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
     }
     case v1::GenerateRequest::PROMPT_NOT_SET:
       return absl::InvalidArgumentError(
-          "prompt: no prompt given; set exactly one of `text` or `token_ids`");
+          "prompt: no prompt given; set exactly one of `text`, `token_ids` or `chat`");
   }
   const int32_t prompt_len = static_cast<int32_t>(out.prompt_token_ids.size());
   if (prompt_len > limits.max_prompt_tokens) {

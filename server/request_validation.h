@@ -34,6 +34,30 @@ inline constexpr int32_t kMaxCompletions = 16;
 // Text longer than max_prompt_tokens x this many bytes cannot fit the prompt budget with any
 // real vocabulary; refusing it before encoding bounds the CPU a request can cost.
 inline constexpr int64_t kMaxPromptBytesPerToken = 64;
+// Chat prompts: messages, role length, template variables (count, JSON bytes, nesting).
+inline constexpr int32_t kMaxChatMessages = 4096;
+inline constexpr size_t kMaxChatRoleBytes = 64;
+inline constexpr int32_t kMaxChatTemplateVariables = 32;
+inline constexpr size_t kMaxChatTemplateVariableBytes = 64 << 10;
+inline constexpr int kMaxJsonNesting = 32;
+
+// A chat prompt as the model sees it.
+struct EncodedChat {
+  std::string text;  // what the chat template rendered
+  std::vector<int32_t> token_ids;
+};
+
+// Renders `chat` with the model's chat template and encodes it as transformers'
+// apply_chat_template(tokenize=True) does. FAILED_PRECONDITION without a tokenizer or a usable
+// template; INVALID_ARGUMENT for bad messages or variables, the template's own refusals
+// (raise_exception) and prompts the tokenizer cannot encode, each message starting "chat".
+absl::StatusOr<EncodedChat> EncodeChatPrompt(const serving::v1::ChatPrompt& chat,
+                                             const Tokenizer* tokenizer,
+                                             const RequestLimits& limits);
+
+// INVALID_ARGUMENT (naming `field`) when the tokenizer's `ids` are empty or outside the vocab.
+absl::Status CheckTokenizerIds(const std::vector<int32_t>& ids, int32_t vocab,
+                               absl::string_view field);
 
 // A string field of a request, by field numbers from the top (e.g. {6, 5} = stop.stop_strings).
 struct StringField {
@@ -42,8 +66,9 @@ struct StringField {
   bool repeated;
 };
 
-// The string fields of GenerateRequest whose UTF-8 the parser checks.
+// The string fields of GenerateRequest / TokenizeRequest whose UTF-8 the parser checks.
 extern const std::initializer_list<StringField> kGenerateRequestStringFields;
+extern const std::initializer_list<StringField> kTokenizeRequestStringFields;
 
 // Why `bytes` did not parse as `message_name`: INVALID_ARGUMENT naming the first of
 // `string_fields` that holds invalid UTF-8, else a generic INVALID_ARGUMENT.

@@ -182,6 +182,10 @@ absl::Status MoeServer::LoadModel() {
                           absl::StrCat("loading the tokenizer: ", tokenizer.status().message()));
     }
     tokenizer_ = *std::move(tokenizer);
+    if (const absl::Status& chat = tokenizer_->chat_template_status(); !chat.ok()) {
+      std::fprintf(stderr, "moe-serve: chat prompts are not served: %s\n",
+                   std::string(chat.message()).c_str());
+    }
   }
 
   EngineOptions engine_options;
@@ -258,6 +262,7 @@ absl::Status MoeServer::LoadModel() {
   info.set_kv_cache_dtype(std::string(KvCacheDTypeName(options_.kv_cache_dtype)));
   for (int32_t id : config.eos_token_ids) info.add_eos_token_ids(id);
   info.set_has_tokenizer(tokenizer_ != nullptr);
+  info.set_has_chat_template(tokenizer_ != nullptr && tokenizer_->chat_template_status().ok());
   info.set_server_version(kServerVersion);
 
   // The runner (and with it config and parameters) lives on inside the engine.

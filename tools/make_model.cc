@@ -2,14 +2,18 @@
 // weights (the built-in demo model, benchmark models).
 //
 //   moe-make-model --preset=demo --out=build/demo_model [--tokenizer=tokenizer.json]
+//                  [--chat_template=template.jinja]
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
+#include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "engine/common/program_usage.h"
 #include "engine/model/synthetic_model.h"
+#include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 
 ABSL_FLAG(std::string, preset, "demo", "Model shape: demo or bench-mixtral");
@@ -17,6 +21,9 @@ ABSL_FLAG(std::string, out, "", "Directory to write config.json and model.safete
 ABSL_FLAG(std::string, tokenizer, "",
           "Optional tokenizer.json to copy beside the model (with the tokenizer_config.json next "
           "to it, if any); vocabulary size, BOS and EOS follow it");
+ABSL_FLAG(std::string, chat_template, "",
+          "Optional Jinja chat template to write beside the model as chat_template.jinja "
+          "(checked to parse)");
 ABSL_FLAG(int32_t, layers, 0, "Override the number of layers (0 = preset)");
 ABSL_FLAG(bool, f32, false, "Write float32 weights instead of bfloat16");
 ABSL_FLAG(uint64_t, seed, 1, "Random seed");
@@ -54,6 +61,19 @@ int main(int argc, char** argv) {
     spec->bos_token_id = (*loaded)->bos_id().value_or(-1);
     if (!(*loaded)->eos_ids().empty()) spec->eos_token_id = (*loaded)->eos_ids().front();
   }
+  const std::string chat_template = absl::GetFlag(FLAGS_chat_template);
+  if (!chat_template.empty()) {
+    std::ifstream in(chat_template, std::ios::binary);
+    const std::string source((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
+    absl::StatusOr<moe::ChatTemplate> parsed = moe::ChatTemplate::Parse(source);
+    if (!in.good() && !in.eof()) parsed = absl::NotFoundError("cannot read it");
+    if (!parsed.ok()) {
+      std::cerr << "moe-make-model: --chat_template=" << chat_template << ": "
+                << parsed.status().message() << "\n";
+      return 2;
+    }
+  }
   if (absl::Status status = moe::WriteSyntheticModel(*spec, out); !status.ok()) {
     std::cerr << "moe-make-model: " << status.message() << "\n";
     return 1;
@@ -69,6 +89,15 @@ int main(int argc, char** argv) {
     }
     if (error) {
       std::cerr << "moe-make-model: copying " << tokenizer << ": " << error.message() << "\n";
+      return 1;
+    }
+  }
+  if (!chat_template.empty()) {
+    std::error_code error;
+    std::filesystem::copy_file(chat_template, std::filesystem::path(out) / "chat_template.jinja",
+                               std::filesystem::copy_options::overwrite_existing, error);
+    if (error) {
+      std::cerr << "moe-make-model: copying " << chat_template << ": " << error.message() << "\n";
       return 1;
     }
   }

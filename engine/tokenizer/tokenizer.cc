@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/common/status_macros.h"
 #include "engine/tokenizer/added_vocabulary.h"
 #include "engine/tokenizer/bpe_model.h"
@@ -76,7 +77,18 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromModelDir(const std::st
   std::error_code error;
   std::optional<std::string> config_path;
   if (std::filesystem::exists(config, error)) config_path = config.string();
-  return FromFile((base / "tokenizer.json").string(), config_path);
+  ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
+                   FromFile((base / "tokenizer.json").string(), config_path));
+  const std::filesystem::path chat_template = base / "chat_template.jinja";
+  if (std::filesystem::exists(chat_template, error)) {
+    absl::StatusOr<std::string> source = ReadFile(chat_template.string());
+    if (source.ok()) {
+      tokenizer->SetChatTemplate(*source, chat_template.string());
+    } else {
+      tokenizer->chat_template_status_ = absl::FailedPreconditionError(source.status().message());
+    }
+  }
+  return tokenizer;
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
@@ -174,6 +186,37 @@ absl::Status Tokenizer::ApplyConfig(std::string_view tokenizer_config_json) {
     ASSIGN_OR_RETURN(const int32_t eos_id, resolve("eos_token", eos));
     eos_ids_ = {eos_id};
   }
+  bos_token_ = bos;
+  eos_token_ = eos;
+  // A string, or (transformers' multiple templates) a list of {"name", "template"} of which
+  // apply_chat_template takes the one named "default".
+  const json& chat_template = Field(config, "chat_template");
+  constexpr char kOrigin[] = "tokenizer_config.json chat_template";
+  if (chat_template.is_string()) {
+    SetChatTemplate(chat_template.get_ref<const std::string&>(), kOrigin);
+  } else if (chat_template.is_array()) {
+    std::vector<std::string> names;
+    bool found_default = false;
+    for (const json& entry : chat_template) {
+      const json& name = Field(entry, "name");
+      const json& source = Field(entry, "template");
+      if (!name.is_string() || !source.is_string()) continue;
+      if (name.get_ref<const std::string&>() == "default") {
+        SetChatTemplate(source.get_ref<const std::string&>(), kOrigin);
+        found_default = true;
+        break;
+      }
+      names.push_back(name.get<std::string>());
+    }
+    if (!found_default && !names.empty()) {
+      chat_template_status_ = absl::FailedPreconditionError(
+          absl::StrCat(kOrigin, " names templates (", absl::StrJoin(names, ", "),
+                       ") but none 'default', the one transformers uses"));
+    }
+  } else if (!chat_template.is_null()) {
+    chat_template_status_ = absl::FailedPreconditionError(
+        absl::StrCat(kOrigin, " must be a string or a list of {\"name\", \"template\"}"));
+  }
   // Llama-family tokenizers in transformers rebuild the post-processor from add_bos_token /
   // add_eos_token (LlamaTokenizerFast.update_post_processor); others keep tokenizer.json's.
   const json& tokenizer_class = Field(config, "tokenizer_class");
@@ -202,6 +245,34 @@ absl::Status Tokenizer::ApplyConfig(std::string_view tokenizer_config_json) {
     }
   }
   return absl::OkStatus();
+}
+
+void Tokenizer::SetChatTemplate(std::string_view source, std::string_view origin) {
+  absl::StatusOr<ChatTemplate> parsed = ChatTemplate::Parse(source);
+  if (parsed.ok()) {
+    chat_template_ = *std::move(parsed);
+    chat_template_status_ = absl::OkStatus();
+  } else {
+    chat_template_.reset();
+    chat_template_status_ = absl::FailedPreconditionError(
+        absl::StrCat("the model's chat template (", tokenizer_internal::Sv(origin),
+                     ") is not supported: ", parsed.status().message()));
+  }
+}
+
+absl::StatusOr<std::string> Tokenizer::ApplyChatTemplate(
+    const nlohmann::ordered_json& messages, bool add_generation_prompt,
+    const nlohmann::ordered_json& variables) const {
+  RETURN_IF_ERROR(chat_template_status_);
+  // What apply_chat_template passes: tools and documents (None unless given), the special
+  // tokens, the caller's variables, then messages and add_generation_prompt.
+  nlohmann::ordered_json context = {{"tools", nullptr}, {"documents", nullptr}};
+  if (variables.is_object()) context.update(variables);
+  context["messages"] = messages;
+  context["add_generation_prompt"] = add_generation_prompt;
+  if (bos_token_.has_value()) context["bos_token"] = *bos_token_;
+  if (eos_token_.has_value()) context["eos_token"] = *eos_token_;
+  return chat_template_->Render(context);
 }
 
 absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text,

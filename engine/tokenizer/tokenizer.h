@@ -16,6 +16,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/tokenizer/chat_template.h"
+#include "nlohmann/json.hpp"
 
 namespace moe {
 
@@ -39,11 +41,14 @@ struct EncodeOptions {
 
 class Tokenizer {
  public:
-  // Reads tokenizer.json and, when given, tokenizer_config.json (BOS/EOS, add_bos_token).
+  // Reads tokenizer.json and, when given, tokenizer_config.json (BOS/EOS, add_bos_token, the
+  // chat template).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromFile(
       const std::string& tokenizer_json_path,
       const std::optional<std::string>& tokenizer_config_json_path = std::nullopt);
-  // `dir`/tokenizer.json plus `dir`/tokenizer_config.json when that file exists.
+  // `dir`/tokenizer.json plus `dir`/tokenizer_config.json when that file exists, and
+  // `dir`/chat_template.jinja when that exists (it takes precedence over the config's
+  // chat_template, as in transformers).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromModelDir(const std::string& dir);
   // From file contents (tests, fuzzing).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
@@ -69,10 +74,26 @@ class Tokenizer {
   std::optional<std::string> IdToToken(int32_t id) const;
   bool IsSpecial(int32_t id) const;
 
+  // Whether ApplyChatTemplate can run: OK with a chat template that parsed, else
+  // FailedPrecondition saying why not (the model has none, or its template did not parse: a
+  // broken or unsupported template does not stop the tokenizer from loading).
+  const absl::Status& chat_template_status() const { return chat_template_status_; }
+  // Renders a conversation with the chat template as transformers' apply_chat_template(...,
+  // tokenize=False) does: `messages` (an array of {"role", "content", ...} objects),
+  // `add_generation_prompt`, the config's bos_token / eos_token strings, and `variables` (an
+  // object of further template variables, e.g. "enable_thinking", "tools"). The caller
+  // encodes the text with add_special_tokens false and parse_special_tokens true, as
+  // transformers does.
+  absl::StatusOr<std::string> ApplyChatTemplate(
+      const nlohmann::ordered_json& messages, bool add_generation_prompt,
+      const nlohmann::ordered_json& variables = nlohmann::ordered_json::object()) const;
+
  private:
   friend class StreamingDecoder;
   Tokenizer();
   absl::Status ApplyConfig(std::string_view tokenizer_config_json);
+  // Parses `source` as the chat template; `origin` names where it came from in messages.
+  void SetChatTemplate(std::string_view source, std::string_view origin);
   // The token string Decode uses for `id`, or nullptr for an unknown id.
   const std::string* TokenString(int32_t id) const;
 
@@ -88,6 +109,13 @@ class Tokenizer {
   int32_t vocab_size_ = 0;
   std::optional<int32_t> bos_id_;
   std::vector<int32_t> eos_ids_;
+  // tokenizer_config.json's bos_token / eos_token strings (template variables).
+  std::optional<std::string> bos_token_;
+  std::optional<std::string> eos_token_;
+  std::optional<ChatTemplate> chat_template_;
+  absl::Status chat_template_status_ = absl::FailedPreconditionError(
+      "the model has no chat template (neither chat_template.jinja nor a chat_template in "
+      "tokenizer_config.json)");
 };
 
 // Incremental detokenization for one generated sequence. Push returns only text that later

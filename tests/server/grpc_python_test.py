@@ -135,6 +135,35 @@ class GrpcPythonTest(unittest.TestCase):
         lines = ["[0] " + text + "\n", "[1] " + text + "\n"]  # in the order they finish
         self.assertIn(out, [lines[0] + lines[1], lines[1] + lines[0]])
 
+    def test_b_chat(self):
+        # A conversation through the model's chat template, from Python and from moe-client.
+        chat = {"messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "Hi"}]}
+        tokens = self.call("Tokenize", "TokenizeRequest", "TokenizeResponse")(
+            self.msg["TokenizeRequest"](chat=chat), timeout=10)
+        self.assertEqual(tokens.chat_text, "<|im_start|>system\nBe brief.<|im_end|>\n"
+                         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        sampling = {"temperature": 0.0}
+        stop = {"max_tokens": 8, "ignore_eos": True}
+        by_chat = self.generate(chat=chat, sampling=sampling, stop=stop)
+        by_ids = self.generate(token_ids={"ids": list(tokens.token_ids)}, sampling=sampling,
+                               stop=stop)
+        ids = [t for r in by_chat for t in r.token_ids]
+        self.assertEqual(ids, [t for r in by_ids for t in r.token_ids])
+        self.assertEqual(by_chat[-1].usage.prompt_tokens, len(tokens.token_ids))
+        client = [os.path.join(BUILD_DIR, "client", "moe-client"), f"--target={self.server.target}"]
+        out = subprocess.run(client + ["tokenize", "--chat", "--system=Be brief.", "--json", "Hi"],
+                             check=True, capture_output=True, text=True).stdout
+        self.assertEqual(json.loads(out)["chat_text"], tokens.chat_text)
+        out = subprocess.run(client + ["generate", "--chat", "--system=Be brief.", "--json",
+                                       "--max_tokens=8", "--ignore_eos", "--temperature=0", "Hi"],
+                             check=True, capture_output=True, text=True).stdout
+        self.assertEqual([t for line in out.splitlines() for t in json.loads(line)["token_ids"]],
+                         ids)
+        info = json.loads(subprocess.run(client + ["info", "--json"], check=True,
+                                         capture_output=True, text=True).stdout)
+        self.assertTrue(info["hasChatTemplate"])
+
     def test_c_invalid_field(self):
         with self.assertRaises(grpc.RpcError) as error:
             self.generate(token_ids={"ids": [1, 2]}, sampling={"top_p": 1.5})

@@ -11,10 +11,12 @@ from google.protobuf import message_factory
 
 
 def make_demo_model(build_dir, source_dir, out_dir):
-    """The demo checkpoint (moe-make-model --preset=demo) with the GPT-2 byte-level tokenizer."""
+    """The demo checkpoint (moe-make-model --preset=demo) with the GPT-2 byte-level tokenizer
+    and Qwen2-MoE's ChatML chat template."""
     subprocess.run(
         [os.path.join(build_dir, "tools", "moe-make-model"), "--preset=demo", f"--out={out_dir}",
-         f"--tokenizer={source_dir}/tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json"],
+         f"--tokenizer={source_dir}/tests/fixtures/tokenizers/gpt2_bytelevel/tokenizer.json",
+         f"--chat_template={source_dir}/tests/fixtures/chat_templates/qwen2_moe_chatml.jinja"],
         check=True, stdout=subprocess.DEVNULL)
 
 
