@@ -72,6 +72,9 @@ ABSL_FLAG(std::string, messages_file, "",
 ABSL_FLAG(std::string, template_vars, "",
           "chat: further template variables as a JSON object, e.g. '{\"enable_thinking\": false}'");
 ABSL_FLAG(bool, no_generation_prompt, false, "chat: do not open the assistant's turn at the end");
+ABSL_FLAG(bool, continue_final_message, false,
+          "chat: the model continues the last message (e.g. an assistant answer begun in "
+          "--messages_file) instead of starting a new turn");
 // tokenize
 ABSL_FLAG(bool, pieces, false, "tokenize: print the token strings too");
 ABSL_FLAG(bool, no_special, false, "tokenize/generate: do not add special tokens (BOS)");
@@ -172,6 +175,7 @@ absl::StatusOr<v1::ChatPrompt> ChatFromFlags(const std::string& prompt) {
     user->set_content(prompt);
   }
   if (absl::GetFlag(FLAGS_no_generation_prompt)) chat.set_add_generation_prompt(false);
+  chat.set_continue_final_message(absl::GetFlag(FLAGS_continue_final_message));
   const std::string vars = absl::GetFlag(FLAGS_template_vars);
   if (!vars.empty()) {
     const nlohmann::json object = nlohmann::json::parse(vars, nullptr, /*allow_exceptions=*/false);

@@ -400,11 +400,14 @@ absl::StatusOr<EncodedChat> EncodeChatPrompt(const v1::ChatPrompt& chat, const T
     }
     variables[name] = std::move(parsed);
   }
-  const bool add_generation_prompt =
-      chat.has_add_generation_prompt() ? chat.add_generation_prompt() : true;
+  Tokenizer::ChatOptions chat_options;
+  chat_options.continue_final_message = chat.continue_final_message();
+  chat_options.add_generation_prompt = chat.has_add_generation_prompt()
+                                           ? chat.add_generation_prompt()
+                                           : !chat_options.continue_final_message;
   EncodedChat out;
   absl::StatusOr<std::string> text =
-      tokenizer->ApplyChatTemplate(messages, add_generation_prompt, variables);
+      tokenizer->ApplyChatTemplate(messages, chat_options, variables);
   if (!text.ok()) {
     return absl::Status(text.status().code(), absl::StrCat("chat: ", text.status().message()));
   }

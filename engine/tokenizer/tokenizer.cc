@@ -261,7 +261,7 @@ void Tokenizer::SetChatTemplate(std::string_view source, std::string_view origin
 }
 
 absl::StatusOr<std::string> Tokenizer::ApplyChatTemplate(
-    const nlohmann::ordered_json& messages, bool add_generation_prompt,
+    const nlohmann::ordered_json& messages, const ChatOptions& options,
     const nlohmann::ordered_json& variables) const {
   RETURN_IF_ERROR(chat_template_status_);
   // What apply_chat_template passes: tools and documents (None unless given), the special
@@ -269,10 +269,53 @@ absl::StatusOr<std::string> Tokenizer::ApplyChatTemplate(
   nlohmann::ordered_json context = {{"tools", nullptr}, {"documents", nullptr}};
   if (variables.is_object()) context.update(variables);
   context["messages"] = messages;
-  context["add_generation_prompt"] = add_generation_prompt;
+  context["add_generation_prompt"] = options.add_generation_prompt;
   if (bos_token_.has_value()) context["bos_token"] = *bos_token_;
   if (eos_token_.has_value()) context["eos_token"] = *eos_token_;
-  return chat_template_->Render(context);
+  if (!options.continue_final_message) return chat_template_->Render(context);
+
+  // transformers' way: render with a marker after the last message's content and cut the
+  // text at the marker.
+  constexpr std::string_view kTag = "CONTINUE_FINAL_MESSAGE_TAG ";
+  constexpr std::string_view kTagStripped = "CONTINUE_FINAL_MESSAGE_TAG";
+  if (options.add_generation_prompt) {
+    return absl::InvalidArgumentError(
+        "continue_final_message and add_generation_prompt exclude each other: one continues the "
+        "last message, the other opens a new assistant turn");
+  }
+  if (!messages.is_array() || messages.empty() || !messages.back().is_object() ||
+      !messages.back().contains("content") || !messages.back()["content"].is_string()) {
+    return absl::InvalidArgumentError(
+        "continue_final_message needs a last message with text content");
+  }
+  const std::string final_content = messages.back()["content"].get<std::string>();
+  context["messages"].back()["content"] = absl::StrCat(final_content, tokenizer_internal::Sv(kTag));
+  ASSIGN_OR_RETURN(std::string rendered, chat_template_->Render(context));
+  // Python's str.strip() of ASCII whitespace (the other Unicode spaces it strips are not
+  // expected around a message's content).
+  constexpr std::string_view kSpace = " \t\n\r\f\v";
+  const std::string_view content(final_content);
+  const size_t first = content.find_first_not_of(kSpace);
+  const std::string_view stripped =
+      first == std::string_view::npos
+          ? std::string_view()
+          : content.substr(first, content.find_last_not_of(kSpace) - first + 1);
+  const size_t tag_at = rendered.rfind(kTagStripped);
+  if (tag_at == std::string::npos || rendered.find(stripped) == std::string::npos) {
+    return absl::InvalidArgumentError(
+        "continue_final_message: the chat template does not write the last message's content "
+        "as given, so the text cannot end inside it");
+  }
+  if (std::string_view(rendered).substr(tag_at, kTag.size()) == kTag) {
+    rendered.resize(tag_at);  // the template kept the content's spacing
+  } else {
+    // The template trimmed the content's trailing spacing (and the tag's): cut before the tag
+    // and strip the spacing left there.
+    rendered.resize(tag_at);
+    const size_t last = rendered.find_last_not_of(kSpace);
+    rendered.resize(last == std::string::npos ? 0 : last + 1);
+  }
+  return rendered;
 }
 
 absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text,

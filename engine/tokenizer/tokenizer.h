@@ -79,13 +79,20 @@ class Tokenizer {
   // broken or unsupported template does not stop the tokenizer from loading).
   const absl::Status& chat_template_status() const { return chat_template_status_; }
   // Renders a conversation with the chat template as transformers' apply_chat_template(...,
-  // tokenize=False) does: `messages` (an array of {"role", "content", ...} objects),
-  // `add_generation_prompt`, the config's bos_token / eos_token strings, and `variables` (an
-  // object of further template variables, e.g. "enable_thinking", "tools"). The caller
-  // encodes the text with add_special_tokens false and parse_special_tokens true, as
-  // transformers does.
+  // tokenize=False) does: `messages` (an array of {"role", "content", ...} objects), the
+  // options, the config's bos_token / eos_token strings, and `variables` (an object of further
+  // template variables, e.g. "enable_thinking", "tools"). The caller encodes the text with
+  // add_special_tokens false and parse_special_tokens true, as transformers does.
+  struct ChatOptions {
+    // End with the opening of an assistant turn.
+    bool add_generation_prompt = true;
+    // End inside the last message instead (the model continues it): its content is the end of
+    // the text, the template's end-of-turn markup after it cut off. Not with
+    // add_generation_prompt.
+    bool continue_final_message = false;
+  };
   absl::StatusOr<std::string> ApplyChatTemplate(
-      const nlohmann::ordered_json& messages, bool add_generation_prompt,
+      const nlohmann::ordered_json& messages, const ChatOptions& options,
       const nlohmann::ordered_json& variables = nlohmann::ordered_json::object()) const;
 
  private:

@@ -260,6 +260,47 @@ TEST(EncodeChatPromptTest, TemplateVariablesReachTheTemplateAsJsonValues) {
   EXPECT_EQ(encoded->text, "no|2|g|1+");
 }
 
+// Expected texts: transformers 4.57.1's render_jinja_template(..., continue_final_message=True,
+// add_generation_prompt=False) on the same templates and messages.
+TEST(EncodeChatPromptTest, ContinueFinalMessageEndsInsideTheLastMessageAsTransformersDoes) {
+  const std::unique_ptr<Tokenizer> qwen = TokenizerWithConfig(
+      {{"chat_template", ReadText(ChatTemplateFixture("qwen2_moe_chatml.jinja"))}});
+  const std::unique_ptr<Tokenizer> mistral = TokenizerWithConfig(
+      {{"bos_token", "<|endoftext|>"},
+       {"eos_token", "<|endoftext|>"},
+       {"chat_template", ReadText(ChatTemplateFixture("mixtral_8x7b_instruct.jinja"))}});
+  v1::ChatPrompt chat;
+  *chat.add_messages() = Message("user", "Name an expert.");
+  *chat.add_messages() = Message("assistant", "The expert  ");
+  chat.set_continue_final_message(true);
+  absl::StatusOr<EncodedChat> from_qwen = EncodeChatPrompt(chat, qwen.get(), Limits());
+  ASSERT_TRUE(from_qwen.ok()) << from_qwen.status();
+  EXPECT_EQ(from_qwen->text,
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName "
+            "an expert.<|im_end|>\n<|im_start|>assistant\nThe expert  ");
+  absl::StatusOr<EncodedChat> from_mistral = EncodeChatPrompt(chat, mistral.get(), Limits());
+  ASSERT_TRUE(from_mistral.ok()) << from_mistral.status();
+  EXPECT_EQ(from_mistral->text, "<|endoftext|> [INST] Name an expert. [/INST] The expert  ");
+
+  // A template that trims the content: the spacing before the cut goes too.
+  const std::unique_ptr<Tokenizer> trimming = TokenizerWithConfig(
+      {{"chat_template", "{% for m in messages %}<{{ m.content | trim }}>{% endfor %}"}});
+  absl::StatusOr<EncodedChat> trimmed = EncodeChatPrompt(chat, trimming.get(), Limits());
+  ASSERT_TRUE(trimmed.ok()) << trimmed.status();
+  EXPECT_EQ(trimmed->text, "<Name an expert.><The expert");
+
+  // Not with add_generation_prompt; not when the template drops the content.
+  chat.set_add_generation_prompt(true);
+  EXPECT_THAT(EncodeChatPrompt(chat, qwen.get(), Limits()).status().message(),
+              HasSubstr("exclude each other"));
+  chat.clear_add_generation_prompt();
+  const std::unique_ptr<Tokenizer> cutting = TokenizerWithConfig(
+      {{"chat_template", "{% for m in messages %}{{ m.content[:3] }}{% endfor %}"}});
+  absl::StatusOr<EncodedChat> cut = EncodeChatPrompt(chat, cutting.get(), Limits());
+  EXPECT_EQ(cut.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(cut.status().message(), HasSubstr("does not write the last message's content"));
+}
+
 TEST(EncodeChatPromptTest, WithoutAUsableTemplateChatIsAFailedPrecondition) {
   v1::ChatPrompt chat;
   *chat.add_messages() = Message("user", "a");
