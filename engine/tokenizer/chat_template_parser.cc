@@ -1128,6 +1128,12 @@ class Parser {
     if (args.size() == 1) {
       key = std::move(args.front());
     } else {
+      // jinja2 would build a tuple holding slice objects, which no sequence accepts as an index.
+      for (const ExprPtr& arg : args) {
+        if (arg->kind == Expr::Kind::kSlice) {
+          return ErrorAt(arg->pos, "a slice inside a tuple subscript (x[a:b, c]) is not supported");
+        }
+      }
       key = NewExpr(Expr::Kind::kTuple, pos);
       key->operands = std::move(args);
     }

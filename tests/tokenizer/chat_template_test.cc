@@ -103,6 +103,8 @@ TEST(ChatTemplateParseTest, ErrorsNameLineAndColumn) {
       {"{{ 99999999999999999999 }}", "line 1, column 4", "integer literal too large"},
       {"{% if %}{% endif %}", "line 1, column 7", "Expected an expression"},
       {"\xff{{ x }}", "line 1, column 1", "not valid UTF-8"},
+      // Found by the fuzzer: a slice in a tuple subscript (was a null dereference).
+      {"{{ (1, 2)[:,-1] }}", "line 1, column 11", "a slice inside a tuple subscript"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.source);
