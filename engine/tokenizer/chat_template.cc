@@ -197,6 +197,10 @@ class Renderer {
       case nlohmann::ordered_json::value_t::string: {
         const std::string& s = json.get_ref<const std::string&>();
         for (size_t pos = 0; pos < s.size();) {
+          if (static_cast<unsigned char>(s[pos]) < 0x80) {
+            ++pos;
+            continue;
+          }
           const size_t start = pos;
           const char32_t c = NextCodePoint(s, pos);
           if (c == 0xFFFD && s.compare(start, pos - start, "\xEF\xBF\xBD") != 0) {

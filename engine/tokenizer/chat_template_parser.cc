@@ -1275,6 +1275,11 @@ bool IsPythonSpace(char32_t c) {
 }
 
 char32_t NextCodePoint(std::string_view text, size_t& pos) {
+  const unsigned char first = static_cast<unsigned char>(text[pos]);
+  if (first < 0x80) {  // ASCII, most of what templates and chats hold
+    ++pos;
+    return first;
+  }
   utf8proc_int32_t cp = 0;
   const utf8proc_ssize_t n =
       utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(text.data() + pos),
