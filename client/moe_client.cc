@@ -153,16 +153,16 @@ absl::StatusOr<v1::ChatPrompt> ChatFromFlags(const std::string& prompt) {
           "--messages_file=", path, ": not a JSON array of {\"role\", \"content\"} objects"));
     }
     for (const nlohmann::json& message : messages) {
-      const auto role = message.is_object() ? message.find("role") : messages.end();
-      const auto content = message.is_object() ? message.find("content") : messages.end();
-      if (role == messages.end() || content == messages.end() || !role->is_string() ||
-          !content->is_string()) {
+      const bool well_formed = message.is_object() && message.contains("role") &&
+                               message.contains("content") && message["role"].is_string() &&
+                               message["content"].is_string();
+      if (!well_formed) {
         return absl::InvalidArgumentError(absl::StrCat(
             "--messages_file=", path, ": each message needs string \"role\" and \"content\""));
       }
       v1::ChatMessage* added = chat.add_messages();
-      added->set_role(role->get<std::string>());
-      added->set_content(content->get<std::string>());
+      added->set_role(message["role"].get<std::string>());
+      added->set_content(message["content"].get<std::string>());
     }
   } else if (!absl::GetFlag(FLAGS_system).empty()) {
     v1::ChatMessage* system = chat.add_messages();

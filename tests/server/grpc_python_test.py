@@ -163,6 +163,28 @@ class GrpcPythonTest(unittest.TestCase):
         info = json.loads(subprocess.run(client + ["info", "--json"], check=True,
                                          capture_output=True, text=True).stdout)
         self.assertTrue(info["hasChatTemplate"])
+        # A conversation from a file, the model continuing the assistant's begun answer.
+        messages = os.path.join(self.tmp.name, "messages.json")
+        with open(messages, "w") as f:
+            json.dump([{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello, I"}], f)
+        out = subprocess.run(client + ["tokenize", f"--messages_file={messages}",
+                                       "--continue_final_message", "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        self.assertEqual(json.loads(out)["chat_text"],
+                         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, I")
+        bad = subprocess.run(client + ["generate", f"--messages_file={messages}",
+                                       "--continue_final_message", "--template_vars={\"x\": tru}"],
+                             capture_output=True, text=True)
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn("--template_vars: not a JSON object", bad.stderr)
+        with open(messages, "w") as f:
+            json.dump([{"role": "user", "content": 7}], f)
+        bad = subprocess.run(client + ["tokenize", f"--messages_file={messages}"],
+                             capture_output=True, text=True)
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn("each message needs string \"role\" and \"content\"", bad.stderr)
 
     def test_c_invalid_field(self):
         with self.assertRaises(grpc.RpcError) as error:
