@@ -59,6 +59,9 @@ ABSL_FLAG(bool, routing, false, "generate: return per-token expert routing (with
 ABSL_FLAG(bool, prompt_logprobs, false,
           "generate: log-probability of each prompt token (--json: per token; text: the sum)");
 ABSL_FLAG(std::string, request_id, "", "generate: request id");
+ABSL_FLAG(bool, separate_reasoning, false,
+          "generate: the <think> block apart from the answer (--json: \"reasoning_text\"; "
+          "text: the reasoning first, between lines [reasoning] and [answer])");
 ABSL_FLAG(int32_t, n, 1,
           "generate: completions of the prompt (1..16); with n > 1 each one's text is printed "
           "when it finishes, prefixed by [index] (--json: lines carry \"index\")");
@@ -239,6 +242,7 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   request.set_logprobs(absl::GetFlag(FLAGS_logprobs));
   request.set_return_routing(absl::GetFlag(FLAGS_routing));
   request.set_prompt_logprobs(absl::GetFlag(FLAGS_prompt_logprobs));
+  request.set_separate_reasoning(absl::GetFlag(FLAGS_separate_reasoning));
   double prompt_logprob_sum = 0;
   int32_t prompt_logprob_count = 0;
   const int32_t n = absl::GetFlag(FLAGS_n);
@@ -246,7 +250,9 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
 
   const bool json = absl::GetFlag(FLAGS_json);
   // n > 1 (text output): each completion's text until its last response, then printed whole.
-  std::map<int32_t, std::string> texts;
+  std::map<int32_t, std::string> texts, reasonings;
+  enum class Section { kNone, kReasoning, kAnswer };
+  Section section = Section::kNone;
   grpc::ClientContext context;
   SetDeadline(context);
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
@@ -264,6 +270,7 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
                                                                 response.token_ids().end())},
                              {"text", response.text()}};
       if (n > 1) line["index"] = response.index();
+      if (request.separate_reasoning()) line["reasoning_text"] = response.reasoning_text();
       if (response.logprobs_size() > 0) {
         nlohmann::json lps = nlohmann::json::array();
         for (const auto& lp : response.logprobs()) {
@@ -316,13 +323,29 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
     } else if (n > 1) {
       const int32_t index = response.index();
       texts[index] += response.text();
+      reasonings[index] += response.reasoning_text();
       if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        if (request.separate_reasoning()) {
+          std::printf("[%d] [reasoning]\n%s\n[%d] [answer]\n", index, reasonings[index].c_str(),
+                      index);
+        }
         std::printf("[%d] %s\n", index, texts[index].c_str());
         std::fflush(stdout);
         PrintSummary(response, absl::StrCat("[", index, "] "));
       }
     } else {
-      std::fwrite(response.text().data(), 1, response.text().size(), stdout);
+      // With --separate_reasoning each section starts with its own header line.
+      for (const auto& [part, name] :
+           {std::pair<const std::string*, Section>(&response.reasoning_text(), Section::kReasoning),
+            {&response.text(), Section::kAnswer}}) {
+        if (part->empty()) continue;
+        if (request.separate_reasoning() && section != name) {
+          std::printf("%s[%s]\n", section == Section::kNone ? "" : "\n",
+                      name == Section::kReasoning ? "reasoning" : "answer");
+          section = name;
+        }
+        std::fwrite(part->data(), 1, part->size(), stdout);
+      }
     }
     std::fflush(stdout);
     if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) last = response;

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <optional>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
+#include "server/reasoning_splitter.h"
 #include "server/status_util.h"
 
 namespace moe::server {
@@ -176,6 +178,7 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
     int32_t completion_tokens = 0;
     int32_t cached_tokens = 0;
     absl::Duration queue_time;
+    std::optional<ReasoningSplitter> reasoning;  // with separate_reasoning
   };
 
   // The final event without its tokens, text and routing.
@@ -225,10 +228,21 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
     completions_.resize(n);
     shared_->observed.resize(n);
     unwritten_ = n;
+    bool opens_reasoning = false;
+    if (request.separate_reasoning()) {
+      // The prompt's last few tokens tell whether it opened the block (a tokenizer is there:
+      // BuildEngineRequest checked).
+      const std::vector<int32_t>& prompt = engine_request->prompt_token_ids;
+      const size_t tail = std::min<size_t>(prompt.size(), 8);
+      absl::StatusOr<std::string> text = model->tokenizer->Decode(
+          std::span<const int32_t>(prompt.data() + prompt.size() - tail, tail));
+      opens_reasoning = text.ok() && PromptOpensReasoning(*text);
+    }
     for (int i = 0; i < n; ++i) {
       completions_[i].prompt_tokens = prompt_tokens_;
       completions_[i].pending.set_request_id(request_id_);
       completions_[i].pending.set_index(i);
+      if (request.separate_reasoning()) completions_[i].reasoning.emplace(opens_reasoning);
     }
     for (int i = 0; i < n; ++i) {
       GenerateRequest copy = i + 1 < n ? *engine_request : *std::move(engine_request);
@@ -308,7 +322,15 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
         }
       }
     }
-    pending.mutable_text()->append(event.text);
+    if (completion.reasoning.has_value()) {
+      completion.reasoning->Push(event.text, pending.mutable_text(),
+                                 pending.mutable_reasoning_text());
+      if (event.finished) {
+        completion.reasoning->Flush(pending.mutable_text(), pending.mutable_reasoning_text());
+      }
+    } else {
+      pending.mutable_text()->append(event.text);
+    }
     for (const PromptTokenLogprob& scored : event.prompt_logprobs) {
       v1::PromptTokenLogprob* out = pending.add_prompt_logprobs();
       out->set_position(scored.position);
@@ -431,7 +453,8 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
           return;
         }
       } else if (pending.token_ids_size() == 0 && pending.text().empty() &&
-                 pending.routing_size() == 0 && pending.prompt_logprobs_size() == 0) {
+                 pending.reasoning_text().empty() && pending.routing_size() == 0 &&
+                 pending.prompt_logprobs_size() == 0) {
         continue;
       }
       Serialize(completion);

@@ -488,6 +488,11 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
       return absl::InvalidArgumentError(
           "prompt: no prompt given; set exactly one of `text`, `token_ids` or `chat`");
   }
+  if (request.separate_reasoning() && tokenizer == nullptr) {
+    return absl::FailedPreconditionError(
+        "separate_reasoning: splitting the output text needs a tokenizer, but the model "
+        "directory has no tokenizer.json");
+  }
   const int32_t prompt_len = static_cast<int32_t>(out.prompt_token_ids.size());
   if (prompt_len > limits.max_prompt_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(

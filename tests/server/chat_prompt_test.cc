@@ -205,6 +205,32 @@ TEST_F(ChatServerTest, BadChatRequestsAreInvalidAndNameTheField) {
   EXPECT_TRUE(RunGenerate(*server_->stub, GreedyRequest({1, 2, 3}, 2)).status.ok());
 }
 
+// separate_reasoning: a prompt that ends with <think> (as Qwen3's thinking templates end it)
+// puts the whole output in reasoning_text while no </think> comes; a prompt that does not
+// leaves it in text. Either way the pieces are the output of the same request without it.
+TEST_F(ChatServerTest, SeparateReasoningSplitsTheOutputAtTheThinkBlock) {
+  for (const bool opened : {true, false}) {
+    SCOPED_TRACE(opened ? "prompt opens the block" : "no block");
+    v1::GenerateRequest request = GreedyRequest({}, 12);
+    request.clear_token_ids();
+    request.set_text(opened ? "Why two experts?<think>\n" : "Why two experts?");
+    const StreamResult plain = RunGenerate(*server_->stub, request);
+    ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+    ASSERT_FALSE(plain.text.empty());
+    ASSERT_EQ(plain.text.find("</think>"), std::string::npos);
+    request.set_separate_reasoning(true);
+    const StreamResult split = RunGenerate(*server_->stub, request);
+    ASSERT_TRUE(split.status.ok()) << split.status.error_message();
+    std::string reasoning;
+    for (const v1::GenerateResponse& response : split.responses) {
+      reasoning += response.reasoning_text();
+    }
+    EXPECT_EQ(split.tokens, plain.tokens);
+    EXPECT_EQ(opened ? reasoning : split.text, plain.text);
+    EXPECT_TRUE(opened ? split.text.empty() : reasoning.empty());
+  }
+}
+
 // ---- EncodeChatPrompt with tokenizers built in the test --------------------------------------
 
 RequestLimits Limits() {
@@ -332,6 +358,14 @@ TEST(EncodeChatPromptTest, WithoutAUsableTemplateChatIsAFailedPrecondition) {
   const std::unique_ptr<Tokenizer> no_default =
       TokenizerWithConfig({{"chat_template", {{{"name", "tool_use"}, {"template", "T"}}}}});
   EXPECT_THAT(no_default->chat_template_status().message(), HasSubstr("none 'default'"));
+}
+
+TEST(SeparateReasoningTest, NeedsATokenizer) {
+  v1::GenerateRequest request = GreedyRequest({1, 2, 3}, 4);
+  request.set_separate_reasoning(true);
+  absl::StatusOr<GenerateRequest> refused = BuildEngineRequest(request, nullptr, Limits());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), HasSubstr("separate_reasoning: "));
 }
 
 }  // namespace
