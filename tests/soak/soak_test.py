@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Soak under faults: the real moe-serve binary on loopback, many concurrent Generate streams
 for a bounded time with random client cancellations, short deadlines, slow readers, overload
-bursts and malformed requests mixed in.
+bursts and malformed requests mixed in. Prompts are token ids and, for two of them,
+conversations rendered by the demo model's chat template.
 
 Checks at the end:
 - every request the server accepted either completed (OK) with exactly its offline greedy
@@ -108,6 +109,11 @@ class Soak:
             else:
                 prompt = [rng.randrange(3, 2000) for _ in range(rng.randrange(2, 40))]
             self.prompts.append((prompt, rng.randrange(4, 28)))
+        # Two conversations through the demo model's chat template (rendered per request).
+        for i in range(2):
+            chat = {"messages": [{"role": "system", "content": f"Soak {i}."},
+                                 {"role": "user", "content": "Which experts? " * (i + 1)}]}
+            self.prompts.append((chat, rng.randrange(4, 28)))
         self.reference = []
         self.lock = threading.Lock()
         self.counts = collections.Counter()
@@ -115,7 +121,8 @@ class Soak:
 
     def request(self, index):
         prompt, max_tokens = self.prompts[index]
-        return self.Request(token_ids={"ids": prompt}, sampling={"temperature": 0.0},
+        kind = {"chat": prompt} if isinstance(prompt, dict) else {"token_ids": {"ids": prompt}}
+        return self.Request(**kind, sampling={"temperature": 0.0},
                             stop={"max_tokens": max_tokens, "ignore_eos": True},
                             request_id=f"soak-{index}")
 
@@ -162,7 +169,7 @@ class Soak:
             self.record(kind, "UNEXPECTED", f"prompt {index}: {code}")
 
     def malformed(self, rng):
-        choice = rng.randrange(6)
+        choice = rng.randrange(8)
         if choice == 0:
             request = self.request(0)
             request.sampling.top_p = 1.5
@@ -173,7 +180,12 @@ class Soak:
         elif choice == 3:
             request = self.request(1)
             request.stop.max_tokens = 10 ** 6
-        if choice <= 3:
+        elif choice == 6:  # a conversation without messages
+            request = self.Request(chat={"messages": []})
+        elif choice == 7:  # a template variable that is not JSON
+            request = self.Request(chat={"messages": [{"role": "user", "content": "x"}],
+                                         "template_variables": {"enable_thinking": "nope"}})
+        if choice <= 3 or choice >= 6:
             call = self.generate(request, timeout=30)
         elif choice == 4:  # bytes that are not a GenerateRequest
             call = self.generate_raw(bytes(rng.randrange(256) for _ in range(rng.randrange(
