@@ -59,6 +59,9 @@ ABSL_FLAG(bool, routing, false, "generate: return per-token expert routing (with
 ABSL_FLAG(bool, prompt_logprobs, false,
           "generate: log-probability of each prompt token (--json: per token; text: the sum)");
 ABSL_FLAG(std::string, request_id, "", "generate: request id");
+ABSL_FLAG(bool, parse_tool_calls, false,
+          "generate: tool calls (<tool_call> blocks) apart from the text (--json: \"tool_calls\"; "
+          "text: a line [tool_call] NAME ARGUMENTS each)");
 ABSL_FLAG(bool, separate_reasoning, false,
           "generate: the <think> block apart from the answer (--json: \"reasoning_text\"; "
           "text: the reasoning first, between lines [reasoning] and [answer])");
@@ -243,6 +246,7 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
   request.set_return_routing(absl::GetFlag(FLAGS_routing));
   request.set_prompt_logprobs(absl::GetFlag(FLAGS_prompt_logprobs));
   request.set_separate_reasoning(absl::GetFlag(FLAGS_separate_reasoning));
+  request.set_parse_tool_calls(absl::GetFlag(FLAGS_parse_tool_calls));
   double prompt_logprob_sum = 0;
   int32_t prompt_logprob_count = 0;
   const int32_t n = absl::GetFlag(FLAGS_n);
@@ -271,6 +275,14 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
                              {"text", response.text()}};
       if (n > 1) line["index"] = response.index();
       if (request.separate_reasoning()) line["reasoning_text"] = response.reasoning_text();
+      if (response.tool_calls_size() > 0) {
+        nlohmann::json calls = nlohmann::json::array();
+        for (const v1::ToolCall& call : response.tool_calls()) {
+          calls.push_back(
+              {{"index", call.index()}, {"name", call.name()}, {"arguments", call.arguments()}});
+        }
+        line["tool_calls"] = calls;
+      }
       if (response.logprobs_size() > 0) {
         nlohmann::json lps = nlohmann::json::array();
         for (const auto& lp : response.logprobs()) {
@@ -345,6 +357,9 @@ int Generate(v1::Inference::Stub& stub, const std::string& prompt) {
           section = name;
         }
         std::fwrite(part->data(), 1, part->size(), stdout);
+      }
+      for (const v1::ToolCall& call : response.tool_calls()) {
+        std::printf("\n[tool_call] %s %s\n", call.name().c_str(), call.arguments().c_str());
       }
     }
     std::fflush(stdout);

@@ -22,7 +22,8 @@ SEED_FLAG=()
 if [[ -n "${FUZZ_SEED:-}" ]]; then SEED_FLAG=(-seed="$FUZZ_SEED"); fi
 TARGETS=("$@")
 if ((${#TARGETS[@]} == 0)); then
-  TARGETS=(tokenizer tokenizer_json model_config safetensors generate_request chat_template)
+  TARGETS=(tokenizer tokenizer_json model_config safetensors generate_request chat_template
+           completion_text)
 fi
 
 bash scripts/setup_deps.sh

@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/proto_buffer_reader.h"
+#include "server/completion_text.h"
 #include "server/reasoning_splitter.h"
 #include "server/status_util.h"
 
@@ -178,7 +179,7 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
     int32_t completion_tokens = 0;
     int32_t cached_tokens = 0;
     absl::Duration queue_time;
-    std::optional<ReasoningSplitter> reasoning;  // with separate_reasoning
+    std::optional<CompletionText> text;  // set in Start
   };
 
   // The final event without its tokens, text and routing.
@@ -242,7 +243,8 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
       completions_[i].prompt_tokens = prompt_tokens_;
       completions_[i].pending.set_request_id(request_id_);
       completions_[i].pending.set_index(i);
-      if (request.separate_reasoning()) completions_[i].reasoning.emplace(opens_reasoning);
+      completions_[i].text.emplace(request.separate_reasoning(), opens_reasoning,
+                                   request.parse_tool_calls());
     }
     for (int i = 0; i < n; ++i) {
       GenerateRequest copy = i + 1 < n ? *engine_request : *std::move(engine_request);
@@ -322,15 +324,7 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
         }
       }
     }
-    if (completion.reasoning.has_value()) {
-      completion.reasoning->Push(event.text, pending.mutable_text(),
-                                 pending.mutable_reasoning_text());
-      if (event.finished) {
-        completion.reasoning->Flush(pending.mutable_text(), pending.mutable_reasoning_text());
-      }
-    } else {
-      pending.mutable_text()->append(event.text);
-    }
+    completion.text->Append(event.text, event.finished, pending);
     for (const PromptTokenLogprob& scored : event.prompt_logprobs) {
       v1::PromptTokenLogprob* out = pending.add_prompt_logprobs();
       out->set_position(scored.position);
@@ -453,8 +447,8 @@ class InferenceService::GenerateCall final : public grpc::ServerWriteReactor<grp
           return;
         }
       } else if (pending.token_ids_size() == 0 && pending.text().empty() &&
-                 pending.reasoning_text().empty() && pending.routing_size() == 0 &&
-                 pending.prompt_logprobs_size() == 0) {
+                 pending.reasoning_text().empty() && pending.tool_calls_size() == 0 &&
+                 pending.routing_size() == 0 && pending.prompt_logprobs_size() == 0) {
         continue;
       }
       Serialize(completion);

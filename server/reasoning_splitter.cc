@@ -2,18 +2,12 @@
 
 #include <algorithm>
 
+#include "server/stream_markers.h"
+
 namespace moe::server {
 namespace {
 
 constexpr std::string_view kWhitespace = " \t\n\r";
-
-// Length of the longest suffix of `text` that is a proper prefix of `marker`.
-size_t PartialMarkerSuffix(std::string_view text, std::string_view marker) {
-  for (size_t n = std::min(text.size(), marker.size() - 1); n > 0; --n) {
-    if (text.substr(text.size() - n) == marker.substr(0, n)) return n;
-  }
-  return 0;
-}
 
 }  // namespace
 

@@ -10,6 +10,7 @@
 #include "engine/sampling/sampling_params.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "nlohmann/json.hpp"
+#include "server/json_nesting.h"
 
 namespace moe::server {
 namespace {
@@ -306,30 +307,6 @@ bool IsIdentifier(const std::string& name) {
   return true;
 }
 
-// Bracket nesting of a JSON text outside its strings (checked before parsing, so that no
-// deeply nested value reaches the recursive template evaluator).
-int JsonNesting(const std::string& text) {
-  int depth = 0, deepest = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') {
-        ++i;
-      } else if (c == '"') {
-        in_string = false;
-      }
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      deepest = std::max(deepest, ++depth);
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return deepest;
-}
-
 }  // namespace
 
 absl::StatusOr<EncodedChat> EncodeChatPrompt(const v1::ChatPrompt& chat, const Tokenizer* tokenizer,
@@ -488,10 +465,14 @@ absl::StatusOr<GenerateRequest> BuildEngineRequest(const v1::GenerateRequest& re
       return absl::InvalidArgumentError(
           "prompt: no prompt given; set exactly one of `text`, `token_ids` or `chat`");
   }
-  if (request.separate_reasoning() && tokenizer == nullptr) {
-    return absl::FailedPreconditionError(
-        "separate_reasoning: splitting the output text needs a tokenizer, but the model "
-        "directory has no tokenizer.json");
+  for (const auto& [set, field] : {std::pair(request.separate_reasoning(), "separate_reasoning"),
+                                   std::pair(request.parse_tool_calls(), "parse_tool_calls")}) {
+    if (set && tokenizer == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(field,
+                       ": reading the output text needs a tokenizer, but the model "
+                       "directory has no tokenizer.json"));
+    }
   }
   const int32_t prompt_len = static_cast<int32_t>(out.prompt_token_ids.size());
   if (prompt_len > limits.max_prompt_tokens) {
