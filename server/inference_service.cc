@@ -48,7 +48,7 @@ std::string BufferBytes(const grpc::ByteBuffer& buffer) {
 // Parses a request; on failure, INVALID_ARGUMENT naming the field with invalid UTF-8, if any.
 template <typename Message>
 grpc::Status ParseRequest(const grpc::ByteBuffer& buffer, Message* message,
-                          std::initializer_list<StringField> string_fields) {
+                          absl::Span<const StringField> string_fields) {
   grpc::ByteBuffer copy(buffer);
   if (grpc::GenericDeserialize<grpc::ProtoBufferReader, Message>(&copy, message).ok()) {
     return grpc::Status::OK;

@@ -181,26 +181,31 @@ std::string FindBadString(const std::string& bytes, const StringField& field, si
   return "";
 }
 
+// `fields` plus the string fields of the ChatPrompt at field number `chat` of the request.
+std::vector<StringField> WithChatPromptFields(std::vector<StringField> fields, int chat) {
+  const StringField in_chat[] = {{{1, 1}, "chat.messages.role", false},
+                                 {{1, 2}, "chat.messages.content", false},
+                                 {{3, 1}, "chat.template_variables (a name)", false},
+                                 {{3, 2}, "chat.template_variables (a value)", false}};
+  for (const StringField& field : in_chat) {
+    StringField at_chat = field;
+    at_chat.path.insert(at_chat.path.begin(), chat);
+    fields.push_back(std::move(at_chat));
+  }
+  return fields;
+}
+
 }  // namespace
 
-const std::initializer_list<StringField> kGenerateRequestStringFields = {
-    {{1}, "text", false},
-    {{4}, "request_id", false},
-    {{6, 5}, "stop.stop_strings", true},
-    {{13, 1, 1}, "chat.messages.role", false},
-    {{13, 1, 2}, "chat.messages.content", false},
-    {{13, 3, 1}, "chat.template_variables (a name)", false},
-    {{13, 3, 2}, "chat.template_variables (a value)", false}};
+const std::vector<StringField> kGenerateRequestStringFields = WithChatPromptFields(
+    {{{1}, "text", false}, {{4}, "request_id", false}, {{6, 5}, "stop.stop_strings", true}},
+    /*chat=*/13);
 
-const std::initializer_list<StringField> kTokenizeRequestStringFields = {
-    {{1}, "text", false},
-    {{4, 1, 1}, "chat.messages.role", false},
-    {{4, 1, 2}, "chat.messages.content", false},
-    {{4, 3, 1}, "chat.template_variables (a name)", false},
-    {{4, 3, 2}, "chat.template_variables (a value)", false}};
+const std::vector<StringField> kTokenizeRequestStringFields =
+    WithChatPromptFields({{{1}, "text", false}}, /*chat=*/4);
 
 absl::Status ExplainParseFailure(const std::string& bytes,
-                                 std::initializer_list<StringField> string_fields,
+                                 absl::Span<const StringField> string_fields,
                                  const std::string& message_name) {
   for (const StringField& field : string_fields) {
     int64_t offset = -1;

@@ -4,11 +4,11 @@
 #pragma once
 
 #include <cstdint>
-#include <initializer_list>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/engine.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "moe/serving/v1/inference.pb.h"
@@ -67,13 +67,13 @@ struct StringField {
 };
 
 // The string fields of GenerateRequest / TokenizeRequest whose UTF-8 the parser checks.
-extern const std::initializer_list<StringField> kGenerateRequestStringFields;
-extern const std::initializer_list<StringField> kTokenizeRequestStringFields;
+extern const std::vector<StringField> kGenerateRequestStringFields;
+extern const std::vector<StringField> kTokenizeRequestStringFields;
 
 // Why `bytes` did not parse as `message_name`: INVALID_ARGUMENT naming the first of
 // `string_fields` that holds invalid UTF-8, else a generic INVALID_ARGUMENT.
 absl::Status ExplainParseFailure(const std::string& bytes,
-                                 std::initializer_list<StringField> string_fields,
+                                 absl::Span<const StringField> string_fields,
                                  const std::string& message_name);
 
 // The whole server-side path of a Generate call's bytes: parse (as the service does), then

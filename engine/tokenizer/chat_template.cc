@@ -74,8 +74,6 @@ bool IsKnownTest(std::string_view name) {
 
 namespace {
 
-absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-
 // Errors already carrying the "chat template" prefix pass through unchanged; others get the
 // position of the expression or statement that failed.
 absl::Status Locate(absl::Status status, SourcePos pos) {
@@ -196,17 +194,9 @@ class Renderer {
         return Value::Float(json.get<double>());
       case nlohmann::ordered_json::value_t::string: {
         const std::string& s = json.get_ref<const std::string&>();
-        for (size_t pos = 0; pos < s.size();) {
-          if (static_cast<unsigned char>(s[pos]) < 0x80) {
-            ++pos;
-            continue;
-          }
-          const size_t start = pos;
-          const char32_t c = NextCodePoint(s, pos);
-          if (c == 0xFFFD && s.compare(start, pos - start, "\xEF\xBF\xBD") != 0) {
-            return absl::InvalidArgumentError(
-                "chat template context has a string that is not valid UTF-8");
-          }
+        if (!tokenizer_internal::ValidateUtf8(s).ok()) {
+          return absl::InvalidArgumentError(
+              "chat template context has a string that is not valid UTF-8");
         }
         return Value::String(s);
       }

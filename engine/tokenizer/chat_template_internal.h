@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/tokenizer/utf8.h"
 
 namespace moe::chat_template_internal {
 
@@ -208,9 +209,11 @@ absl::Status ErrorAt(SourcePos pos, std::string_view message);
 // Python's str.isspace() for one code point: what jinja2's `\s` and str.strip() use.
 bool IsPythonSpace(char32_t c);
 
-// Decodes the code point at `text[pos]` of valid UTF-8 and advances `pos`.
-char32_t NextCodePoint(std::string_view text, size_t& pos);
-void AppendUtf8(char32_t code_point, std::string& out);
+// The tokenizer's UTF-8 helpers (utf8.h); every string a template handles is valid UTF-8
+// (sources, context strings and escapes are checked when they come in).
+using tokenizer_internal::AppendUtf8;
+using tokenizer_internal::NextCodePoint;
+using tokenizer_internal::Sv;
 
 // The filters and tests the evaluator implements; the parser refuses other names, as
 // jinja2 does when it compiles a template.

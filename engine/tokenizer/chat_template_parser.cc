@@ -26,8 +26,6 @@ namespace {
 // recursed into (the parser and evaluator recurse per level).
 constexpr int kMaxParseDepth = 200;
 
-absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-
 // ---------------------------------------------------------------------------------------
 // Lexer.
 
@@ -1272,31 +1270,6 @@ bool IsPythonSpace(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 ||
          c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
          c == 0x205F || c == 0x3000;
-}
-
-char32_t NextCodePoint(std::string_view text, size_t& pos) {
-  const unsigned char first = static_cast<unsigned char>(text[pos]);
-  if (first < 0x80) {  // ASCII, most of what templates and chats hold
-    ++pos;
-    return first;
-  }
-  utf8proc_int32_t cp = 0;
-  const utf8proc_ssize_t n =
-      utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(text.data() + pos),
-                       static_cast<utf8proc_ssize_t>(text.size() - pos), &cp);
-  if (n <= 0) {  // not reached for validated text; step one byte so callers progress
-    ++pos;
-    return 0xFFFD;
-  }
-  pos += static_cast<size_t>(n);
-  return static_cast<char32_t>(cp);
-}
-
-void AppendUtf8(char32_t code_point, std::string& out) {
-  utf8proc_uint8_t buffer[4];
-  const utf8proc_ssize_t n =
-      utf8proc_encode_char(static_cast<utf8proc_int32_t>(code_point), buffer);
-  out.append(reinterpret_cast<const char*>(buffer), static_cast<size_t>(n));
 }
 
 absl::StatusOr<std::unique_ptr<Program>> ParseProgram(std::string_view source) {
